@@ -1,0 +1,49 @@
+# Two commands:  make demo   (the main job)   and   make test   (every test and every notebook).
+# Each creates .venv on first use and installs what it needs; nothing has to be installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is installed first, pinned, so that a CPU machine with a local CPU wheel (or a CPU index given in
+# TORCH_INDEX, e.g. the PyTorch CPU wheel index) never resolves to the multi-GB CUDA build.
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# pytest workers: 2 on the 2-core CI machine
+JOBS ?= 2
+
+.PHONY: demo test test-fast notebooks venv clean help
+
+help:
+	@echo "make demo       the main job: python -m glm5_ref demo"
+	@echo "make test       every test and every notebook (nbmake), as CI runs it"
+	@echo "make test-fast  the tests without the notebooks"
+	@echo "make notebooks  re-execute every notebook from notebooks/src and save its outputs"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	$(BIN)/python -m glm5_ref demo
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --nbmake --nbmake-timeout=180 notebooks/*.ipynb
+
+test-fast: $(VENV)/.test
+	$(BIN)/python -m pytest -n $(JOBS) tests
+
+notebooks: $(VENV)/.test
+	$(BIN)/python scripts/nb.py --all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,68 @@
+"""Benchmarks: `python -m glm5_ref bench NAME [--json] [--quick]`.
+
+Each benchmark times a fast path against its baseline side by side in one run (a ratio, not an absolute
+time: these machines are shared and noisy), prints a table, and with --json prints one JSON line last.
+A benchmark lives in glm5_ref/bench/<name with _>.py and defines
+
+    def run(quick: bool = False) -> dict | list[dict]
+
+returning the rows to print. Register its name in BENCHMARKS below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from typing import Callable
+
+BENCHMARKS: dict[str, str] = {
+    "mla-decode": "one MLA decode step at GLM-5 layer size: absorbed latent cache vs expanded K/V cache",
+    "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
+}
+
+
+def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of a list of flat dicts."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    for row in rows[1:]:
+        keys += [k for k in row if k not in keys]
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    table = [[cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(t[i]) for t in table)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table]
+    return "\n".join(lines)
+
+
+def run_benchmark(name: str, as_json: bool = False, quick: bool = False) -> dict | list[dict]:
+    if name not in BENCHMARKS:
+        raise ValueError(f"benchmark {name!r}: expected one of {sorted(BENCHMARKS)}")
+    module = importlib.import_module(f"glm5_ref.bench.{name.replace('-', '_')}")
+    result = module.run(quick=quick)
+    rows = result if isinstance(result, list) else [result]
+    print(f"# bench {name}: {BENCHMARKS[name]}")
+    print(format_table(rows))
+    if as_json:
+        print(json.dumps(result))
+    return result

@@ -1,0 +1,106 @@
+"""Small shared primitives: RMSNorm, rotary position embedding (both pairings), SwiGLU.
+
+Every other module of glm5_ref builds on these three; each is short enough to read in one sitting.
+
+RMSNorm (Zhang & Sennrich 2019)
+    y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back, as the Hugging Face GLM-5 code does
+    (so bf16 inputs give the same answer as the checkpoint's reference implementation).
+
+RoPE (Su et al. 2021, "RoFormer")
+    Split the last D dims into D/2 pairs; pair j at position m is rotated by the angle m * theta_j with
+    theta_j = base^(-2j/D). Rotations preserve norms, and the dot product of a query rotated at m with a key
+    rotated at n depends on m - n only, which is what makes attention relative.
+    Which dims form a pair is a convention that a checkpoint bakes in:
+      * interleaved ("GPT-J" / DeepSeek style): pair j = dims (2j, 2j+1). GLM-5 uses it both in MLA
+        (``rope_interleave``) and in the DSA indexer (``indexer_rope_interleave``).
+      * half-split ("GPT-NeoX" / rotate_half style): pair j = dims (j, j + D/2). DeepSeek-V3.2's indexer uses
+        it (their 2025-11 fix); using the wrong one with a checkpoint silently breaks the top-k selection.
+    The two agree up to a fixed permutation of the dims: rope_half(x[..., P]) = rope_interleaved(x)[..., P]
+    with P = [0, 2, 4, ..., 1, 3, 5, ...] (``interleaved_to_half_split``). That is how transformers applies
+    interleaved RoPE: permute, then rotate_half.
+
+SwiGLU (Shazeer 2020)
+    FFN(x) = W_down( SiLU(W_gate x) * W_up x ), no biases; parameter names gate_proj / up_proj / down_proj as
+    in the released checkpoint. Used for the dense FFN of the first layers, every routed expert and the
+    shared expert.
+
+Not handled: RoPE scaling (YaRN, NTK, linear); GLM-5 uses the "default" type.
+Axes: B batch, T sequence, H heads, D feature dims of the rotated slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"RMSNorm input: expected last dim {self.weight.shape[0]}, got shape {tuple(x.shape)}")
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of m * theta_j for every position m and pair j, in fp32: shapes (*positions.shape, dim/2)."""
+    if dim % 2:
+        raise ValueError(f"rope dim: expected an even number, got {dim}")
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)  # (D/2,)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, D/2), fp64 so long contexts stay exact
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
+    """Rotate the last dim of x by its positions.
+
+    x: (B, T, D) or (B, T, H, D) (any number of head axes after T); positions: (T,) or (B, T) integers.
+    Returns a tensor of x's shape and dtype (the rotation itself runs in fp32).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"apply_rope x: expected (B, T, ..., D), got shape {tuple(x.shape)}")
+    B, T, D = x.shape[0], x.shape[1], x.shape[-1]
+    if positions.dim() == 1:
+        positions = positions[None]  # (1, T)
+    if positions.dim() != 2 or positions.shape[-1] != T or positions.shape[0] not in (1, B):
+        raise ValueError(f"apply_rope positions: expected shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
+    cos, sin = rope_angles(positions, D, theta)  # (B|1, T, D/2)
+    extra = x.dim() - 3  # head axes between T and D
+    cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])  # (B|1, T, 1.., D/2)
+    sin = sin.reshape(cos.shape)
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]  # pair j = dims (2j, 2j+1)
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf[..., : D // 2], xf[..., D // 2:]  # pair j = dims (j, j + D/2)
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+def interleaved_to_half_split(dim: int) -> torch.Tensor:
+    """The permutation P with rope_half(x[..., P]) == rope_interleaved(x)[..., P]: evens first, then odds."""
+    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
+
+
+class SwiGLU(nn.Module):
+    """W_down( SiLU(W_gate x) * W_up x ), bias-free; the dense FFN and every expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
