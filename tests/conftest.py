@@ -7,8 +7,12 @@ Profiles (select with HYPOTHESIS_PROFILE=dev, default "ci"):
 
 import os
 
-import torch
-from hypothesis import HealthCheck, settings
+# Before torch is imported: idle OpenMP threads sleep instead of spinning, so that parallel pytest workers
+# (and notebook kernels, which inherit the environment) do not steal each other's cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=20, deadline=None, print_blob=True,
@@ -19,4 +23,5 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per pytest-xdist worker (make test runs one worker per core), two in a single process
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 
 from glm5_ref.config import GLM5Config
-from strategies import small_configs
+from tests.strategies import small_configs
 
 # What the released zai-org/GLM-5 config.json says (its informational keys included).
 RELEASED_CONFIG = {

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from glm5_ref.layers import RMSNorm, SwiGLU, apply_rope, interleaved_to_half_split, rope_angles
-from strategies import batch_sizes, even_dims, odd_lengths, randn, seeds
+from tests.strategies import batch_sizes, even_dims, odd_lengths, randn, seeds
 
 positions_st = st.integers(min_value=0, max_value=200_000)
 

@@ -18,6 +18,10 @@ from typing import Callable
 
 BENCHMARKS: dict[str, str] = {
     "mla-decode": "one MLA decode step at GLM-5 layer size: absorbed latent cache vs expanded K/V cache",
+    "muon": "Newton-Schulz 5 on the classroom model's matrices vs the raw matmuls it performs",
+    "dsa-decode": "one decode step of a GLM-5 attention layer at 32K/128K: DSA (indexer + top-k) vs dense MLA",
+    "decode": "classroom GLM-5 greedy generation, 128 tokens after 512: cached vs uncached tokens/s",
+    "train-step": "classroom GLM-5 training step (fwd+bwd+optimizer) vs an all-dense model of matched active size",
     "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
 }
 

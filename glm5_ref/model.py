@@ -1,0 +1,354 @@
+"""The GLM-5 decoder: assembly, loss, decode caches, generation, checkpoints in the released layout.
+
+What it is (GLM-5 report, Table 10; glm5_spec.md section 2)
+    x_0 = Emb(ids)
+    x   = x + DSAAttention(RMSNorm(x))          every layer: MLA with the lightning indexer's top-k (dsa.py)
+    x   = x + FFN(RMSNorm(x))                   dense SwiGLU for layers < first_k_dense_replace, MoE after (moe.py)
+    logits = lm_head(RMSNorm(x_L))              untied from the embedding
+
+Module and parameter names are those of the released Hugging Face checkpoint (model.embed_tokens.weight,
+model.layers.{i}.self_attn.*, model.layers.{i}.mlp.experts.{e}.gate_proj.weight, model.norm.weight,
+lm_head.weight, ...), so ``state_dict()`` IS the checkpoint layout and ``from_pretrained`` needs no renaming.
+
+Choices
+    * ``loss`` = mean next-token cross-entropy (labels shifted inside, -100 ignored, as transformers does)
+      + the MoE sequence-wise balance losses (alpha = config.aux_loss_alpha_seq, summed over MoE layers)
+      + the indexer KL (mean over layers) when ``indexer_loss=True``. Each part is also returned alone.
+    * ``hidden_states`` is the last layer's output BEFORE the final norm (what the MTP module reads).
+    * Decoding runs the absorbed MLA path over the latent cache (``absorbed=None`` means: absorbed iff a
+      cache is given); the full forward runs the expanded path. Both compute the same function (tested).
+    * ``generate`` samples with a torch.Generator seeded by ``seed``, so a seed fixes the output.
+    * With ``config.num_nextn_predict_layers = 1`` the model owns the MTP layer (mtp.py) as ``self.mtp``;
+      ``hf_state_dict()`` names it model.layers.{num_hidden_layers}.* as the checkpoint does. With labels,
+      ``loss`` adds the MTP loss (lambda / D) * sum_k L_k over ``config.num_mtp_depths`` depths.
+
+Not handled: padding / attention masks inside a batch (a batch shares one length), beam search,
+tensor/pipeline parallelism (see distributed/), quantised checkpoints.
+Axes: B batch, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5_ref.config import GLM5Config
+from glm5_ref.dsa import DSAAttention, DSACache
+from glm5_ref.layers import RMSNorm, SwiGLU
+from glm5_ref.moe import MoE, update_router_bias
+from glm5_ref.mtp import MTPLayer, mtp_losses
+
+
+@dataclass
+class GLM5Output:
+    logits: torch.Tensor                           # (B, T, V) fp32
+    loss: torch.Tensor | None = None               # lm_loss + balance_loss (+ indexer_loss), when labels given
+    lm_loss: torch.Tensor | None = None            # next-token cross-entropy (nats per token)
+    balance_loss: torch.Tensor | None = None       # sum over MoE layers of the sequence-wise balance loss
+    indexer_loss: torch.Tensor | None = None       # mean over layers of the indexer KL (indexer_loss=True)
+    mtp_loss: torch.Tensor | None = None           # (lambda / D) * sum of the per-depth MTP losses
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # CE of each MTP depth k = 1..D
+    hidden_states: torch.Tensor | None = None      # (B, T, D) last layer output, before the final norm
+    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per model.moe_layers() entry (E,)
+
+
+class GLM5Cache:
+    """One DSACache (MLA latents + indexer keys) per layer, all at the same length."""
+
+    def __init__(self, config: GLM5Config, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        self.layers = [DSACache.for_config(config, batch_size, max_len, dtype=dtype, device=device)
+                       for _ in range(config.num_hidden_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    def truncate(self, new_length: int) -> None:
+        """Roll every layer back to ``new_length`` tokens (speculative decoding rejects drafts this way)."""
+        for layer in self.layers:
+            layer.truncate(new_length)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GLM5Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = DSAAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, positions=None, cache=None, absorbed=False, indexer_loss=False, moe_impl="grouped"):
+        """(B, T, D) -> (B, T, D), indexer KL or None, MoEAux or None."""
+        h = self.input_layernorm(x)
+        kl = None
+        if indexer_loss:
+            h, kl = self.self_attn(h, positions, cache, absorbed, indexer_loss=True)
+        else:
+            h = self.self_attn(h, positions, cache, absorbed)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        aux = None
+        if self.is_moe:
+            h, aux = self.mlp(h, impl=moe_impl, return_aux=True)
+        else:
+            h = self.mlp(h)
+        return x + h, kl, aux
+
+
+class GLM5Model(nn.Module):
+    def __init__(self, config: GLM5Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class GLM5ForCausalLM(nn.Module):
+    """GLM-5: ``model(input_ids, labels=None, cache=None, ...) -> GLM5Output``; ``generate``; HF checkpoints."""
+
+    def __init__(self, config: GLM5Config):
+        super().__init__()
+        self.config = config
+        self.model = GLM5Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MTPLayer(config) if config.num_nextn_predict_layers else None  # multi-token prediction
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """N(0, initializer_range) for every matrix (as transformers initialises GLM-5); RMSNorm gains start at
+        one. The MoE router and experts already initialise themselves this way (in place: their packing stays)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: GLM5Cache | None = None,
+                absorbed: bool | None = None, indexer_loss: bool = False, moe_impl: str = "grouped",
+                mtp_depths: int | None = None) -> GLM5Output:
+        """Logits (and, with labels, the losses). ``mtp_depths``: MTP depths to train (default
+        config.num_mtp_depths when the model has an MTP layer; 0 = none)."""
+        B, T = self._check_ids(input_ids, cache)
+        absorbed = cache is not None if absorbed is None else absorbed
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        kls, auxes = [], []
+        for i, layer in enumerate(self.model.layers):
+            x, kl, aux = layer(x, positions, cache.layers[i] if cache is not None else None, absorbed,
+                               indexer_loss, moe_impl)
+            kls += [kl] if kl is not None else []
+            auxes += [aux] if aux is not None else []
+        normed = self.model.norm(x)  # (B, T, D)
+        logits = self.lm_head(normed).float()  # (B, T, V)
+        out = GLM5Output(logits=logits, hidden_states=x, tokens_per_expert=[a.tokens_per_expert for a in auxes])
+        out.balance_loss = sum((a.balance_loss for a in auxes), logits.new_zeros(()))
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            out.lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                          ignore_index=-100)
+            depths = self.config.num_mtp_depths if mtp_depths is None else mtp_depths
+            if self.mtp is not None and depths > 0 and T > 2:
+                ce, balance, mtp_kls, load = mtp_losses(self.mtp, self.model.embed_tokens, self.lm_head, normed,
+                                                        labels, min(depths, T - 2), indexer_loss)
+                out.mtp_losses = ce
+                out.mtp_loss = self.config.mtp_loss_weight / len(ce) * torch.stack(ce).sum()
+                out.balance_loss = out.balance_loss + balance
+                kls += mtp_kls
+                if load is not None:
+                    out.tokens_per_expert.append(load)
+        if indexer_loss:
+            out.indexer_loss = torch.stack(kls).mean()
+        if labels is not None:
+            out.loss = out.lm_loss + out.balance_loss
+            out.loss = out.loss + (out.mtp_loss if out.mtp_loss is not None else 0.0)
+            out.loss = out.loss + (out.indexer_loss if indexer_loss else 0.0)
+        return out
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules, in the order of GLM5Output.tokens_per_expert (main layers, then the MTP block's)."""
+        layers = [l.mlp for l in self.model.layers if l.is_moe]
+        if self.mtp is not None and self.mtp.block.is_moe:
+            layers.append(self.mtp.block.mlp)
+        return layers
+
+    def update_router_biases(self, tokens_per_expert: list[torch.Tensor], gamma: float | None = None) -> None:
+        """The aux-loss-free balancing step (moe.update_router_bias) on every MoE layer, after an optimizer step.
+        With MTP, pass the loads of a forward that trained it (the MTP entry is last)."""
+        for moe, load in zip(self.moe_layers(), tokens_per_expert):
+            update_router_bias(moe, load, gamma)
+
+    def _check_ids(self, input_ids: torch.Tensor, cache: GLM5Cache | None) -> tuple[int, int]:
+        V, limit = self.config.vocab_size, self.config.max_position_embeddings
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, got {shape}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"input_ids: expected token ids in [0, vocab_size = {V}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        start = cache.length if cache is not None else 0
+        if start + input_ids.shape[1] > limit:
+            raise ValueError(f"input_ids: {start} cached + {input_ids.shape[1]} new tokens exceed "
+                             f"max_position_embeddings = {limit}")
+        if cache is not None and start + input_ids.shape[1] > cache.max_len:
+            raise ValueError(f"cache: full, length {start} + {input_ids.shape[1]} new tokens > max_len {cache.max_len}")
+        return input_ids.shape
+
+    def new_cache(self, batch_size: int, max_len: int) -> GLM5Cache:
+        p = self.lm_head.weight
+        return GLM5Cache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    # ---- generation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop_tokens: list[int] | None = None, seed: int | None = None, use_cache: bool = True,
+                 return_logprobs: bool = False, draft_steps: int = 0, return_stats: bool = False):
+        """Greedy at temperature 0, else sampling (temperature, nucleus top_p) with a seeded generator.
+        Returns ids (B, T + new); with return_logprobs also (B, new) log-probabilities of the emitted tokens
+        under the distribution they were drawn from. A sequence that emitted a stop token repeats it.
+        ``draft_steps`` > 0: speculative decoding with the MTP layer (speculative.py; batch 1); with
+        ``return_stats`` the result is (ids, SpecStats)."""
+        if isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 0:
+            raise ValueError(f"draft_steps: expected an integer >= 0, got {draft_steps!r}")
+        if draft_steps:
+            from glm5_ref.speculative import speculative_generate
+
+            if return_logprobs or not use_cache:
+                raise ValueError("draft_steps: speculative decoding needs use_cache=True and return_logprobs=False")
+            ids, stats = speculative_generate(self, input_ids, max_new_tokens, draft_steps, temperature, top_p,
+                                              stop_tokens, seed)
+            return (ids, stats) if return_stats else ids
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, got "
+                             f"{temperature}, {top_p}")
+        B, T = self._check_ids(input_ids, None)
+        gen = torch.Generator(device=input_ids.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache and max_new_tokens else None
+        ids, logprobs = input_ids, []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = None
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = self(ids if step == 0 else ids[:, -1:], cache=cache).logits[:, -1]  # (B, V)
+            else:
+                logits = self(ids).logits[:, -1]
+            token, logprob = sample_token(logits, temperature, top_p, gen)  # (B,), (B,)
+            if stop.numel():
+                token = torch.where(done, ids[:, -1], token)
+                done = done | torch.isin(token, stop)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            logprobs.append(logprob)
+            if stop.numel() and bool(done.all()):
+                pad = max_new_tokens - step - 1  # every sequence stopped: fill the rest with its stop token
+                ids = torch.cat([ids, ids[:, -1:].expand(B, pad)], dim=1)
+                logprobs += [torch.zeros_like(logprob)] * pad
+                break
+        if return_logprobs:
+            return ids, (torch.stack(logprobs, 1) if logprobs else ids.new_zeros(B, 0, dtype=torch.float32))
+        return ids
+
+    # ---- checkpoints in the released Hugging Face layout -------------------------------------------------
+    def mtp_prefix(self) -> str:
+        return f"model.layers.{self.config.num_hidden_layers}."
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict() with the MTP layer named as in the checkpoint: mtp.X -> model.layers.{L}.X'."""
+        out = {}
+        for name, t in self.state_dict().items():
+            if name.startswith("mtp."):
+                name = self.mtp_prefix() + self.mtp.hf_name(name[len("mtp."):])
+            out[name] = t
+        return out
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> dict[str, list[str]]:
+        """Load tensors named as in the released checkpoint. Unknown or missing names and shape mismatches
+        raise ValueError listing them (with strict); nothing is loaded unless everything fits."""
+        own = self.state_dict()
+        main, dropped = {}, []
+        for k, v in state_dict.items():
+            if k.startswith(self.mtp_prefix()) and self.mtp is not None:
+                ours = self.mtp.our_name(k[len(self.mtp_prefix()):])
+                if ours is None:  # a stored copy of the shared embedding or head
+                    dropped.append(k)
+                    continue
+                k = "mtp." + ours
+            main[k] = v
+        missing = sorted(set(own) - set(main))
+        unexpected = sorted(set(main) - set(own))
+        mismatched = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                            for k, v in main.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+        problems = [f"{what} ({len(names)}): {names[:20]}{' ...' if len(names) > 20 else ''}"
+                    for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+                    if names and (strict or what == "shape mismatch")]
+        if problems:
+            raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+        on_meta = any(p.device.type == "meta" for p in own.values())
+        # cast to the model's dtypes (meta tensors carry theirs); a meta-built model takes the tensors themselves
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in main.items() if k in own}, strict=strict,
+                             assign=on_meta)
+        return {"missing": missing, "unexpected": unexpected, "dropped_shared_copies": sorted(dropped)}
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+        """config.json + sharded safetensors + index, written atomically (hf_io.save_checkpoint)."""
+        from glm5_ref.hf_io import save_checkpoint
+
+        save_checkpoint(directory, self.hf_state_dict(), self.config.to_hf(), max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        strict: bool = True) -> "GLM5ForCausalLM":
+        """Read config.json, build the model on the meta device, then take the tensors shard by shard."""
+        from glm5_ref.hf_io import iter_checkpoint_tensors
+
+        config = GLM5Config.from_hf(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        state = dict(iter_checkpoint_tensors(directory))
+        model.load_hf_state_dict(state, strict=strict)
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+        if leftover:
+            raise ValueError(f"checkpoint {os.fspath(directory)} left tensors unset: {leftover[:20]}")
+        return model
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / T)
+    restricted to the smallest set of tokens whose probability reaches top_p. Returns (token, its logprob)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, logp.gather(-1, token[:, None])[:, 0]
+    probs = nucleus_probs(logits, temperature, top_p)  # (B, V)
+    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return token, torch.log(probs.gather(-1, token[:, None])[:, 0])
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / temperature), zeroed outside the top-p nucleus and renormalised: (B, V) fp32."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is below top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
