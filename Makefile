@@ -40,7 +40,7 @@ test: $(VENV)/.test
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --nbmake --nbmake-timeout=180 notebooks/*.ipynb
 
 test-fast: $(VENV)/.test
-	$(BIN)/python -m pytest -n $(JOBS) tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
 
 notebooks: $(VENV)/.test
 	$(BIN)/python scripts/nb.py --all

@@ -48,7 +48,7 @@ small one, normalising by max(||X||_F, eps) rather than ||X||_F + eps. Differenc
 always uses bf16; the default here is fp32 on CPU and bf16 on CUDA), lr must be > 0 when a group is added
 (a scheduler may still set it to 0 later), and ``blocks``/``split_scale``.
 
-Not handled: non-2-D parameters (keep experts as 2-D parameters), distributed Muon, complex or sparse grads.
+Not handled: non-2-D parameters (keep experts as 2-D parameters), distributed Muon (see glm5_ref/distributed/muon.py), complex or sparse grads.
 
 References: Keller Jordan, "Muon: an optimizer for hidden layers in neural networks" (2024, blog and
 github.com/KellerJordan/Muon); Liu et al., "Muon is Scalable for LLM Training" (Moonlight, arXiv 2502.16982);

@@ -9,8 +9,8 @@ see the same context. Timed side by side, interleaved repeat by repeat (the mach
 
     dsa_ms       DSAAttention(absorbed=True), sparse, sparse_impl="gathered": the indexer scores all L + 1
                  keys, torch.topk keeps 2048, absorbed attention runs over the 2048 gathered latents
-    dense_ms     the same module with .sparse = False: absorbed attention over all L + 1 latents. It still
-                 runs the indexer (DSAAttention always scores, for the stage-1 warm-up loss)
+    dense_ms     the same module with .sparse = False: absorbed attention over all L + 1 latents (the
+                 indexer only caches the new token's key: it scores nothing unless asked for its loss)
     mla_ms       plain MLA sharing the same weights (no indexer at all): the dense model one would deploy
     indexer_ms   the indexer alone: its projections, scores over all keys, select_topk
     fixed_ms     a decode step over a 1-token context: the projections and folds every step pays whatever
