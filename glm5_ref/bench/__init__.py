@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "dsa-decode": "one decode step of a GLM-5 attention layer at 32K/128K: DSA (indexer + top-k) vs dense MLA",
     "decode": "classroom GLM-5 greedy generation, 128 tokens after 512: cached vs uncached tokens/s",
     "train-step": "classroom GLM-5 training step (fwd+bwd+optimizer) vs an all-dense model of matched active size",
+    "spec-decode": "trained classroom GLM-5, 256 greedy tokens: MTP speculative decoding (3 drafts) vs plain",
     "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
 }
 

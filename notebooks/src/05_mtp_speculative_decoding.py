@@ -1,0 +1,433 @@
+# %% [markdown]
+# # 05 · Multi-token prediction and speculative decoding
+#
+# Notebook 04 assembled GLM-5 and generated text one token per forward pass. GLM-5 carries one extra
+# decoder layer, the **MTP layer** (multi-token prediction). In training it adds a loss that predicts tokens
+# further ahead. At inference it **drafts** a few tokens cheaply, and the main model **verifies** all of them
+# in one forward pass. The output is exactly what the main model alone would produce, in fewer main-model
+# passes. This notebook:
+#
+# 1. derives MTP from next-token prediction (DeepSeek-V3's equations), computes the depth-1 and depth-2
+#    losses by hand and checks them against `glm5_ref`;
+# 2. explains why GLM-5 shares **one** MTP module across its three training depths;
+# 3. derives the expected accept length $E[\tau] = (1 - a^{N+1}) / (1 - a)$ and checks it by Monte Carlo;
+# 4. derives the rejection-sampling rule and proves it lossless by exact enumeration;
+# 5. trains a small GLM-5 for about 45 seconds and measures acceptance per depth, accept length and
+#    speed-up for 1 to 4 draft steps. Greedy output is asserted equal to plain greedy decoding.
+#
+# Cells that start with `# derivation` use only `torch`; every other cell imports from `glm5_ref`.
+
+# %%
+import dataclasses
+import math
+import os
+import time
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from IPython.display import Image, display
+
+from glm5_ref.config import GLM5Config
+from glm5_ref.model import GLM5ForCausalLM
+
+t_notebook = time.perf_counter()
+torch.manual_seed(0)
+torch.set_num_threads(1)  # batch-1 decoding of a small model: one thread is fastest, and the same everywhere
+checks = {}  # name -> (error, tolerance): derivation vs package, asserted at the end
+
+# %% [markdown]
+# ## 1. From next-token prediction to multi-token prediction
+#
+# The main model reads tokens $t_1 \dots t_i$ and ends in a hidden state $h^0_i$ (after the final norm). The
+# LM head turns it into $P(t_{i+1})$, the next token. That is all a plain language model predicts.
+#
+# DeepSeek-V3 (section 2.2, eqs. 21-25) adds **depths** $k = 1 \dots D$. Depth $k$ predicts $t_{i+k+1}$.
+# It combines the previous depth's state at the same position with the embedding of the token $k$ steps
+# ahead. The hidden state summarises $t_{\le i+k-1}$, so with that token the depth has seen everything
+# before the token it predicts:
+#
+# $$h'^k_i = M \begin{bmatrix} \mathrm{RMSNorm}(\mathrm{Emb}(t_{i+k})) \\ \mathrm{RMSNorm}(h^{k-1}_i)
+#   \end{bmatrix}, \qquad h^k_{1:T-k} = \mathrm{Block}(h'^k_{1:T-k}), \qquad
+#   P^k_{i+k+1} = \mathrm{softmax}(\mathrm{Head}(\mathrm{RMSNorm}(h^k_i)))$$
+#
+# $$\mathcal{L}^k = \mathrm{CE}(P^k, t), \qquad \mathcal{L} = \mathcal{L}_{\text{LM}} +
+#   \frac{\lambda}{D}\sum_{k=1}^{D} \mathcal{L}^k .$$
+#
+# $M$ is a $d \times 2d$ matrix (`eh_proj`), Block is one full decoder layer (MLA with DSA, then MoE), and
+# Emb and Head are the main model's own, shared rather than copied. GLM-5 uses $D = 3$. The paper does not
+# give $\lambda$; `glm5_ref` uses GLM-4.5's 0.3. With $T$ tokens, depth $k$ can read positions
+# $1 \dots T-k$ and has targets for $T-k-1$ of them:
+#
+# | position $i$ reads | main model | depth 1 | depth 2 | depth 3 |
+# |---|---|---|---|---|
+# | tokens seen | $t_{\le i}$ | $t_{\le i+1}$ | $t_{\le i+2}$ | $t_{\le i+3}$ |
+# | predicts | $t_{i+1}$ | $t_{i+2}$ | $t_{i+3}$ | $t_{i+4}$ |
+#
+# In training every depth reads the *true* tokens (teacher forcing). Each depth is a shallow path to the next
+# token, so its loss is close to the main model's. At inference the embedded tokens are the MTP layer's own
+# guesses. That is where acceptance gets lost.
+
+# %% [markdown]
+# ### The depth-1 and depth-2 losses by hand (derivation)
+#
+# A tiny GLM-5 in float64. We unroll the equations ourselves and compare with the package's
+# `out.mtp_losses`.
+
+# %%
+config = dataclasses.replace(GLM5Config.tiny(), vocab_size=23, index_topk=6)
+tiny = GLM5ForCausalLM(config).double()
+ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+out = tiny(ids, labels=ids, mtp_depths=2)
+
+# derivation: eqs. 21-24 unrolled over two depths with ONE set of MTP weights
+mtp, T, V = tiny.mtp, ids.shape[1], config.vocab_size
+with torch.no_grad():
+    h = tiny.model.norm(out.hidden_states)  # h^0 (B, T, D): the main model's output after its final norm
+    by_hand = []
+    for k in (1, 2):
+        emb = tiny.model.embed_tokens(ids[:, k:])  # Emb(t_{i+k}) for i = 0 .. T-k-1: (B, T-k, D)
+        x = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h[:, :T - k])], dim=-1))  # h'^k: (B, T-k, D)
+        h = mtp.block(x)[0]  # h^k = Block(h'^k), causal over its T-k positions
+        logits = tiny.lm_head(mtp.shared_head.norm(h))  # (B, T-k, V); the last position has no target
+        by_hand.append(F.cross_entropy(logits[:, :T - k - 1].reshape(-1, V), ids[:, k + 1:].reshape(-1)))
+
+for k, (mine, theirs) in enumerate(zip(by_hand, out.mtp_losses), start=1):
+    err = abs(mine.item() - theirs.item()) / theirs.item()
+    print(f"depth {k}: by hand {mine.item():.10f}   model(...).mtp_losses[{k - 1}] {theirs.item():.10f}   rel. err {err:.1e}")
+    checks[f"MTP loss, depth {k}"] = (err, 1e-6)  # the package casts logits to fp32, as for the main head
+total = config.mtp_loss_weight / 2 * (by_hand[0] + by_hand[1])
+checks["MTP loss, lambda/D sum"] = (abs(total.item() - out.mtp_loss.item()) / out.mtp_loss.item(), 1e-6)
+print(f"lambda/D * (L1 + L2) = {total.item():.10f}   out.mtp_loss = {out.mtp_loss.item():.10f}")
+
+# %% [markdown]
+# ## 2. One module, three depths: trained the way it is used
+#
+# DeepSeek-V3 builds a *separate* module per depth. It trained one depth, then drafted two tokens at
+# inference by running that module a second time on its own output. The second use had never been
+# trained, and acceptance of the second token suffers. GLM-5 keeps **one** MTP module and unrolls it over
+# three depths in training, with the same weights at every depth (the loop above). Inference drafts the same
+# way:
+#
+# ```
+# h <- h^0 at the last position; x <- the newest token
+# for j in 1..N:  h = MTP(h, Emb(x));  x = argmax Head(norm(h))     # draft d_j
+# ```
+#
+# Draft step $j$ computes exactly depth $j$ of training, $h^j = \mathrm{Block}(M[\mathrm{Emb}(x);\ h^{j-1}])$,
+# with the same weights. The MTP layer's attention context is the one approximation: at inference the
+# earlier positions hold depth-1 states. The checkpoint stores a single layer, so drafting costs the memory
+# of one decoder layer.
+
+# %%
+n_mtp = sum(p.numel() for p in tiny.mtp.parameters())
+n_layer = sum(p.numel() for p in tiny.model.layers[1].parameters())
+print(f"MTP module: {n_mtp:,} parameters = one decoder layer ({n_layer:,}) + enorm, hnorm, eh_proj, head norm "
+      f"({n_mtp - n_layer:,}); used at every depth")
+glm5 = GLM5Config.glm5()
+extra = glm5.num_params(include_mtp=True) - glm5.num_params()
+print(f"GLM-5: the MTP layer adds {extra / 1e9:.1f}B parameters to {glm5.num_params() / 1e9:.0f}B "
+      f"({glm5.num_hidden_layers} main layers + 1)")
+
+# %% [markdown]
+# ## 3. Speculative decoding and the accept length
+#
+# A round of speculative decoding with $N$ draft steps:
+#
+# 1. **draft**: the MTP layer proposes $d_1 \dots d_N$ (N small steps);
+# 2. **verify**: ONE main-model forward over $[c, d_1, \dots, d_N]$ ($c$ is the newest token) gives the main
+#    model's prediction after each prefix, $p_1 \dots p_{N+1}$;
+# 3. **accept**: greedy keeps $d_j$ while $d_j = \arg\max p_j$, then emits $\arg\max p_{a+1}$ itself. The
+#    main model would have emitted exactly these tokens, so the output is identical.
+#
+# A round emits $\tau$ = (accepted drafts) + 1 tokens, the **accept length**. Draft $j$ counts only if drafts
+# $1 \dots j-1$ were accepted. If each is accepted with probability $a$, independently, then
+# $P(\tau > j) = a^j$ for $j = 0 \dots N$, and
+#
+# $$E[\tau] = \sum_{j=0}^{N} P(\tau > j) = \sum_{j=0}^{N} a^j = \frac{1 - a^{N+1}}{1 - a}.$$
+#
+# Real acceptance depends on the depth. With $a_j$ = P(draft $j$ accepted | drafts before it accepted),
+# $E[\tau] = 1 + a_1 + a_1 a_2 + \dots + a_1 \cdots a_N$. The paper reports an accept length of **2.76** for
+# GLM-5 (2.55 for DeepSeek-V3.2). First a Monte Carlo check of the formula:
+
+# %%
+# derivation: simulate rounds, count emitted tokens
+g = torch.Generator().manual_seed(0)
+for a in (0.5, 0.8):
+    for N in (1, 3, 4):
+        accepted = (torch.rand(200_000, N, generator=g) < a).int().cumprod(dim=1).sum(dim=1)  # prefix accepted
+        mc, formula = (accepted + 1).double().mean().item(), (1 - a ** (N + 1)) / (1 - a)
+        print(f"a = {a}, N = {N}: Monte Carlo E[tau] = {mc:.4f}, formula {formula:.4f}")
+        checks[f"E[tau] Monte Carlo a={a} N={N}"] = (abs(mc - formula) / formula, 0.01)
+# what per-draft acceptance does the paper's 2.76 (with 4 steps) mean, if it were the same at every depth?
+lo, hi = 0.0, 0.999
+for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if (1 - mid ** 5) / (1 - mid) < 2.76 else (lo, mid)
+a_glm5 = lo
+print(f"GLM-5's accept length 2.76 with 4 draft steps <=> a = {a_glm5:.3f} per draft (i.i.d.)")
+
+# %% [markdown]
+# ## 4. Sampling without changing the distribution: the rejection rule
+#
+# With temperature above zero, "accept if it equals the argmax" makes no sense. Leviathan et al. (2023)
+# accept draft $x \sim q$ (the MTP distribution) with probability $\min(1, p(x)/q(x))$, where $p$ is the
+# main model's distribution. At the first rejection they emit a token from the residual
+# $r = \max(0, p - q) / Z$ and end the round. The emitted token is then distributed exactly as $p$:
+#
+# $$P(\text{emit } y) = \underbrace{q(y)\min\!\Big(1, \tfrac{p(y)}{q(y)}\Big)}_{\text{draft } y \text{ accepted}}
+#   + \underbrace{\Big(1 - \sum_x \min(p(x), q(x))\Big)}_{P(\text{reject}) \,=\, Z} \frac{\max(0, p(y) - q(y))}{Z}
+#   = \min(p, q)(y) + \max(0, p - q)(y) = p(y).$$
+#
+# The acceptance probability is $\sum_x \min(p(x), q(x)) = 1 - \mathrm{TV}(p, q)$: the closer the drafter is
+# to the main model, the more drafts pass. The output distribution never depends on $q$. Applied at each
+# position in turn, the whole emitted sequence follows the main model. Below, exact enumeration over a
+# vocabulary of 6. Token 4 is never drafted ($q = 0$), and token 5 is impossible under $p$.
+
+# %%
+# derivation: enumerate every draft x and both outcomes; exact arithmetic in float64
+p = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.10, 0.00], dtype=torch.float64)
+q = torch.tensor([0.10, 0.40, 0.20, 0.05, 0.00, 0.25], dtype=torch.float64)
+residual = torch.clamp(p - q, min=0)
+residual = residual / residual.sum()
+emitted = torch.zeros_like(p)
+for x in range(len(p)):
+    if q[x] == 0:
+        continue  # never drafted
+    accept = min(1.0, (p[x] / q[x]).item())
+    emitted[x] += q[x] * accept  # drafted x and kept it
+    emitted += q[x] * (1 - accept) * residual  # drafted x, rejected, resampled from the residual
+print("p          ", [f"{v:.3f}" for v in p.tolist()])
+print("emitted    ", [f"{v:.3f}" for v in emitted.tolist()])
+print(f"P(accept) = {torch.minimum(p, q).sum().item():.3f} = 1 - TV(p, q) = {1 - 0.5 * (p - q).abs().sum().item():.3f}")
+checks["rejection rule, exact enumeration"] = ((emitted - p).abs().max().item(), 1e-12)
+
+# %% [markdown]
+# The package's `accept_or_resample` implements the rule. A seeded Monte Carlo of it should land on $p$.
+# Keeping every draft would land on $q$ instead:
+
+# %%
+from glm5_ref.speculative import accept_or_resample
+
+g = torch.Generator().manual_seed(0)
+n = 20_000
+counts = torch.zeros(len(p), dtype=torch.float64)
+for d in torch.multinomial(q, n, replacement=True, generator=g).tolist():
+    ok, replacement = accept_or_resample(p, q, d, g)
+    counts[d if ok else replacement] += 1
+tv_rule = 0.5 * (counts / n - p).abs().sum().item()
+tv_naive = 0.5 * (q - p).abs().sum().item()
+print(f"total variation to p: accept_or_resample {tv_rule:.4f} (sampling noise ~0.01); keeping every draft {tv_naive:.3f}")
+checks["accept_or_resample, Monte Carlo TV to p"] = (tv_rule, 0.02)
+
+# %% [markdown]
+# ## 5. A small GLM-5 with MTP, trained here
+#
+# Acceptance needs a trained drafter. We train a narrow 2-layer GLM-5 (d = 128, MLA + MoE with 32 experts +
+# the MTP layer) on the training documents of the shipped Python corpus for about 45 seconds. We use
+# `classroom_ckpt.train_mtp_model`: AdamW, random windows, loss `out.loss` (next-token + balance + MTP over
+# 3 depths), and the router-bias update after every step. Then we compare each depth's loss on held-out
+# documents.
+
+# %%
+from glm5_ref.classroom_ckpt import code_prompts, corpus_stream, train_mtp_model
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # training batches do use two cores
+small = dataclasses.replace(GLM5Config.classroom(), name="classroom-small", hidden_size=128, num_hidden_layers=2,
+                            intermediate_size=384, moe_intermediate_size=64, q_lora_rank=64, kv_lora_rank=32)
+model, info = train_mtp_model(small, minutes=0.75, batch_size=8, seq_len=128, lr=3e-3, progress=False)
+torch.set_num_threads(1)
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {info['step']} steps, "
+      f"{info['tokens']:,} tokens in {info['elapsed_s']:.0f} s")
+val = corpus_stream("val")
+windows = torch.stack([val[s:s + 129] for s in range(0, 16 * 2000, 2000)])  # 16 held-out windows
+with torch.no_grad():
+    ev = model(windows, labels=windows)
+print(f"held-out cross-entropy (nats/token): main {ev.lm_loss.item():.3f}; MTP depths "
+      + ", ".join(f"{k + 1}: {l.item():.3f}" for k, l in enumerate(ev.mtp_losses)) + f"  (uniform: {math.log(4096):.2f})")
+
+# %% [markdown]
+# ## 6. Acceptance and accept length, 1 to 4 draft steps
+#
+# Three held-out code prompts of 64 tokens, 128 new tokens each. Greedy decoding with $N = 1 \dots 4$ draft
+# steps, each output asserted equal to plain greedy decoding. Then sampling at temperature 1 with the
+# rejection rule. Depth 4 was never trained (GLM-5 trains 3), and the layer simply recurses once more.
+# `SpecStats.depth_acceptance` gives the conditional rates $a_j$.
+
+# %%
+prompts = code_prompts(3, 64)
+NEW = 128
+with torch.no_grad():
+    model.generate(prompts[0][:, :8], 4), model.generate(prompts[0][:, :8], 4, draft_steps=2)  # warm-up
+plain_ids, plain_s = [], 0.0
+for pr in prompts:
+    t0 = time.perf_counter()
+    plain_ids.append(model.generate(pr, NEW))
+    plain_s += time.perf_counter() - t0
+
+
+def pooled(stats_list, N):
+    """Pool SpecStats over prompts: conditional acceptance per depth and emitted tokens per round."""
+    tries = [sum(s.depth_tries[j] for s in stats_list) for j in range(N)]
+    acc = [sum(s.depth_accepts[j] for s in stats_list) for j in range(N)]
+    rates = [a / t if t else 0.0 for a, t in zip(acc, tries)]  # never reached: the chain before it is 0 anyway
+    return rates, sum(sum(s.accept_lengths) for s in stats_list) / sum(s.rounds for s in stats_list)
+
+
+results = {"greedy": {}, "sampled": {}}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # draft_steps = 4 > 3 trained depths warns
+    for N in (1, 2, 3, 4):
+        stats, spec_s = [], 0.0
+        for pr, ref in zip(prompts, plain_ids):
+            t0 = time.perf_counter()
+            ids_, st = model.generate(pr, NEW, draft_steps=N, return_stats=True)
+            spec_s += time.perf_counter() - t0
+            assert torch.equal(ids_, ref), "greedy speculative decoding must equal plain greedy decoding"
+            stats.append(st)
+        rates, tau = pooled(stats, N)
+        results["greedy"][N] = dict(rates=rates, tau=tau, speedup=plain_s / spec_s)
+        stats = [model.generate(pr, NEW, temperature=1.0, seed=i, draft_steps=N, return_stats=True)[1]
+                 for i, pr in enumerate(prompts)]
+        rates_s, tau_s = pooled(stats, N)
+        results["sampled"][N] = dict(rates=rates_s, tau=tau_s)
+        print(f"N = {N}: greedy  tau = {tau:.2f}, a_j = {[round(r, 2) for r in rates]}, speed-up "
+              f"{plain_s / spec_s:.2f}x (output identical)\n       sampled tau = {tau_s:.2f}, a_j = "
+              f"{[round(r, 2) for r in rates_s]}")
+
+# %% [markdown]
+# Pooled over the prompts, $\tau$ = emitted tokens / rounds, and this equals $1 + a_1 + a_1 a_2 + \dots$
+# exactly, by counting. The formula does real work when it predicts $\tau$ for every $N$ from the per-depth
+# rates of *one* run, the $N = 4$ run. The i.i.d. formula with $a = a_1$ is shown too.
+#
+# Two things are typical of a model this weak. First, greedy decoding falls into repetitive loops (the text
+# below). Second, sampled acceptance can be *higher* than greedy acceptance. A sampled draft passes with
+# probability $\sum_x \min(p(x), q(x)) = 1 - \mathrm{TV}(p, q)$. Two broad, similar distributions overlap
+# a lot even when their argmaxes differ, and a greedy draft passes only when the argmaxes agree.
+
+# %%
+from glm5_ref.tokenizer import decode
+
+
+def chain(rates, N):
+    return 1 + sum(math.prod(rates[:j]) for j in range(1, N + 1))
+
+
+print(repr(decode(plain_ids[0][0, 64:].tolist())[:240]))
+Ns = [1, 2, 3, 4]
+for mode in ("greedy", "sampled"):
+    r4 = results[mode][4]["rates"]
+    for N in Ns:
+        pred, meas = chain(r4, N), results[mode][N]["tau"]
+        print(f"{mode:7s} N = {N}: measured tau {meas:.2f}   from the N = 4 rates {pred:.2f}   "
+              f"i.i.d. with a = a_1: {(1 - r4[0] ** (N + 1)) / (1 - r4[0] + 1e-12):.2f}")
+
+# %% [markdown]
+# ## 7. What the speed-up depends on
+#
+# Per round, speculative decoding pays for one verify forward of $N+1$ tokens and $N$ MTP steps. Plain
+# decoding pays one main step per token. So
+#
+# $$\text{speed-up} = \frac{E[\tau] \cdot C_{\text{step}}}{C_{\text{verify}}(N+1) + N\, C_{\text{MTP}}}.$$
+#
+# On a GPU, decoding is memory-bound: reading the weights dominates, so verifying 4 tokens costs about as
+# much as 1. In GLM-5 the MTP layer is 1 of 79 decoder layers, so $C_{\text{MTP}} \approx C_{\text{step}}/78$.
+# The speed-up is then close to $E[\tau]$. In our 2-layer model the MTP layer is a third of the network, and
+# on a CPU the extra verified tokens are not free. We measure the three costs
+# (`glm5_ref.bench.spec_decode.step_costs`) and put them into the formula.
+
+# %%
+from glm5_ref.bench.spec_decode import step_costs
+
+costs = step_costs(model, prompts[0], 64 + NEW // 2, verify_tokens=[N + 1 for N in Ns], repeats=15)
+c_step, c_mtp, c_verify = costs["step_ms"], costs["mtp_step_ms"], costs["verify_ms"]
+print(f"main step {c_step:.2f} ms, MTP step {c_mtp:.2f} ms ({c_mtp / c_step:.0%} of a main step); verify of N+1 tokens: "
+      + ", ".join(f"{N + 1}: {c_verify[N + 1]:.2f} ms" for N in Ns))
+predicted = {N: results["greedy"][N]["tau"] * c_step / (c_verify[N + 1] + N * c_mtp) for N in Ns}
+for N in Ns:
+    print(f"N = {N}: predicted speed-up {predicted[N]:.2f}x, measured {results['greedy'][N]['speedup']:.2f}x")
+glm5_like = {N: (1 - a_glm5 ** (N + 1)) / (1 - a_glm5) / (1 + N / 78) for N in Ns}
+print(f"GLM-5's proportions (verify = one step, MTP = 1/78 of a step) with a = {a_glm5:.3f} (section 3) give "
+      + ", ".join(f"N={N}: {glm5_like[N]:.2f}x" for N in Ns))
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+for mode, color in (("greedy", "tab:blue"), ("sampled", "tab:orange")):
+    ax1.plot(Ns, [results[mode][N]["tau"] for N in Ns], "o", color=color, ms=7, label=f"measured, {mode}")
+    ax1.plot(Ns, [chain(results[mode][4]["rates"], N) for N in Ns], "-", color=color, alpha=0.6,
+             label=f"$1 + a_1 + a_1a_2 + \\dots$ ({mode}, rates of N = 4)")
+ax1.plot(Ns, [N + 1 for N in Ns], ":", color="gray", label="every draft accepted")
+ax1.plot([4], [2.76], "*", color="tab:green", ms=12, label="GLM-5, paper (4 steps): 2.76")
+ax1.set_xlabel("draft steps N")
+ax1.set_ylabel("accept length (tokens per round)")
+ax1.set_xticks(Ns)
+ax1.legend(fontsize=7)
+ax1.set_title("accept length")
+ax2.plot(Ns, [results["greedy"][N]["speedup"] for N in Ns], "o-", color="tab:blue", label="measured (greedy, this CPU)")
+ax2.plot(Ns, [predicted[N] for N in Ns], "x--", color="tab:blue", alpha=0.6, label="cost model, measured costs")
+ax2.plot(Ns, [glm5_like[N] for N in Ns], "s:", color="tab:green", label=f"cost model, GLM-5 proportions, a = {a_glm5:.2f}")
+ax2.axhline(1.0, color="gray", lw=1)
+ax2.set_xlabel("draft steps N")
+ax2.set_ylabel("speed-up over plain decoding")
+ax2.set_xticks(Ns)
+ax2.legend(fontsize=7)
+ax2.set_title("tokens/s, speculative / plain")
+fig.tight_layout()
+os.makedirs("../figures", exist_ok=True)
+fig.savefig("../figures/05_accept_length.png", dpi=110)
+plt.close(fig)
+display(Image("../figures/05_accept_length.png"))
+
+# %% [markdown]
+# ## 8. The classroom model, if one was trained
+#
+# `python -m glm5_ref demo` trains the 4-layer classroom GLM-5 for a few minutes into `runs/classroom/`.
+# `python -m glm5_ref bench spec-decode` uses that model, or trains its own into `runs/spec_bench/`. For each
+# model found, we print its greedy numbers with 3 draft steps, next to the held-out loss of the main model and
+# of each MTP depth. Acceptance follows how well the MTP layer was trained. A fresh clone has neither model,
+# and the cell says so.
+
+# %%
+from glm5_ref.classroom_ckpt import CLASSROOM_RUN, SPEC_BENCH_RUN, load_trained
+
+windows_256 = torch.stack([val[s:s + 257] for s in range(0, 8 * 4000, 4000)])  # 8 held-out windows
+pr = code_prompts(1, 96)[0]
+found = [f for f in (load_trained(CLASSROOM_RUN), load_trained(SPEC_BENCH_RUN / "full")) if f is not None]
+if not found:
+    print("no trained classroom checkpoint in runs/ (fresh clone): skipped")
+for big, big_info in found:
+    with torch.no_grad():
+        ev = big(windows_256, labels=windows_256)
+    t0 = time.perf_counter()
+    ref = big.generate(pr, 128)
+    t1 = time.perf_counter()
+    ids_, st = big.generate(pr, 128, draft_steps=3, return_stats=True)
+    t2 = time.perf_counter()
+    assert torch.equal(ids_, ref)
+    print(f"{big_info['path']} ({big_info.get('step', '?')} steps): held-out CE main {ev.lm_loss.item():.2f}, MTP "
+          f"{', '.join(f'{l.item():.2f}' for l in ev.mtp_losses)}\n   greedy, 3 drafts: tau = {st.accept_length:.2f}, "
+          f"a_j = {[round(r, 2) for r in st.depth_acceptance]}, speed-up {(t1 - t0) / (t2 - t1):.2f}x, identical output")
+
+# %% [markdown]
+# ## Summary
+#
+# - MTP depth $k$ combines the previous depth's state with the embedding of the token $k$ ahead, runs one
+#   decoder block, and predicts the token after it. GLM-5 unrolls **one** module over 3 depths, so the
+#   drafts at inference are computed the way they were trained.
+# - A round emits $E[\tau] = 1 + a_1 + a_1 a_2 + \dots$ tokens; with equal rates, $(1 - a^{N+1})/(1 - a)$.
+# - Greedy verification returns exactly plain greedy decoding. With sampling, the rule
+#   $\min(1, p/q)$ plus the residual $\max(0, p - q)$ returns exactly the main model's distribution.
+# - Speed-up $= E[\tau]\, C_{\text{step}} / (C_{\text{verify}} + N C_{\text{MTP}})$. It approaches
+#   $E[\tau]$ when verification is memory-bound and the drafter is a small part of the model, as in GLM-5.
+#   In a 2-layer toy on a CPU it is not, so the speed-up stays near or below 1.
+#
+# The last check: the derivations and the package agree.
+
+# %%
+for name, (err, tolerance) in checks.items():
+    assert err < tolerance, (name, err, tolerance)
+print(f"derivation == glm5_ref ({len(checks)} checks); notebook ran in {time.perf_counter() - t_notebook:.0f} s")
