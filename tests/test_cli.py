@@ -12,12 +12,7 @@ from glm5_ref.__main__ import main
 TRAIN = ["--config", "tiny", "--batch-size", "2", "--seq-len", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

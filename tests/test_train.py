@@ -15,13 +15,7 @@ from glm5_ref.muon import build_optimizer
 RUN = dict(batch_size=2, seq_len=16, num_evals=2, eval_windows_n=2, progress=False, checkpoint_minutes=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: these models are far too small for two, and a shared machine makes two much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
