@@ -60,7 +60,6 @@ from glm5_ref.config import GLM5Config
 from glm5_ref.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.dsa import DSAAttention, freeze_all_but_indexers
 from glm5_ref.model import GLM5ForCausalLM
-from glm5_ref.moe import MoE, update_router_bias
 from glm5_ref.muon import build_optimizer
 from glm5_ref.tokenizer import VOCAB_SIZE
 
@@ -149,14 +148,6 @@ def matched_dense_config(config: GLM5Config) -> GLM5Config:
     width = (config.num_experts_per_tok + config.n_shared_experts) * config.moe_intermediate_size
     return dataclasses.replace(config, name=f"{config.name}-dense", first_k_dense_replace=config.num_hidden_layers,
                                intermediate_size=width)
-
-
-def moe_layers(model: torch.nn.Module, n_loads: int | None = None) -> list[MoE]:
-    """The MoE blocks whose loads GLM5Output.tokens_per_expert reports, in its order: the main layers', then
-    (if the output reports one more per MTP MoE) the MTP layer's. ``n_loads``: len(out.tokens_per_expert)."""
-    main = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
-    extra = [m for m in model.mtp.modules() if isinstance(m, MoE)] if getattr(model, "mtp", None) is not None else []
-    return main + extra if n_loads is not None and n_loads == len(main) + len(extra) else main
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -249,9 +240,8 @@ def train_step(model: GLM5ForCausalLM, optimizer: torch.optim.Optimizer, batch: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if stage != "warmup":  # the router bias is part of the model: frozen in the indexer warm-up
-        with torch.no_grad():
-            for moe, tpe in zip(moe_layers(model, len(out.tokens_per_expert)), out.tokens_per_expert):
-                update_router_bias(moe, tpe, bias_update_speed)
+        with torch.no_grad():  # main layers, then the MTP block's when this step trained it (the model knows)
+            model.update_router_biases(out.tokens_per_expert, bias_update_speed)
     return out, loss, grad_norm
 
 
@@ -379,7 +369,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
                 grad_clip=grad_clip, dsa_stage=dsa_stage if isinstance(dsa_stage, str) else list(dsa_stage),
                 mtp_depths=mtp_depths, mtp_start=mtp_start, bias_update_speed=bias_update_speed, seed=seed,
                 eval_windows=eval_windows_n)
-    moes = moe_layers(model)
+    moes = [layer.mlp for layer in model.model.layers if layer.is_moe]  # the main layers, for the load plots
     load_acc = torch.zeros(len(moes), config.n_routed_experts, dtype=torch.int64)  # (L_moe, E) since last eval
     last_eval: dict = {}
     records: list[dict] = []
