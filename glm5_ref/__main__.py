@@ -9,6 +9,8 @@ Commands
                     --temperature T --seed S]
   params [--config] parameter counts by component for a preset (glm5, classroom, tiny)
   bench NAME        run a benchmark (see `bench --list`); --json prints one JSON line last
+  experiment NAME   run an experiment (see `experiment --list`); its full run writes figures/NAME.json and .png;
+                    --quick runs a CI-sized version into --out (default runs/experiments/NAME-quick)
 
 Bad input (an unknown preset, a folder that holds no checkpoint, a budget <= 0 ...) prints "error: ..." and exits
 with status 2.
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--json", action="store_true", help="print one JSON line last")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, for CI smoke tests")
     p_bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    p_exp = sub.add_parser("experiment", help="run an experiment")
+    p_exp.add_argument("name", nargs="?", help="experiment name")
+    p_exp.add_argument("--quick", action="store_true", help="a CI-sized run, written to --out, not figures/")
+    p_exp.add_argument("--out", default=None, help="output folder (default: figures/, or runs/experiments/NAME-quick)")
+    p_exp.add_argument("--seeds", default=None, help="comma-separated seeds (default: the experiment's)")
+    p_exp.add_argument("--list", action="store_true", help="list the experiments")
 
     args = parser.parse_args(argv)
     try:
@@ -134,6 +142,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:16s} {text}")
                 return 0
             run_benchmark(args.name, as_json=args.json, quick=args.quick)
+        elif args.command == "experiment":
+            from glm5_ref.experiments import EXPERIMENTS, run_experiment
+
+            if args.list or not args.name:
+                for name, text in sorted(EXPERIMENTS.items()):
+                    print(f"{name:16s} {text}")
+                return 0
+            seeds = None
+            if args.seeds is not None:
+                try:
+                    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+                except ValueError:
+                    raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+                if not seeds:
+                    raise ValueError(f"--seeds: expected at least one seed, got {args.seeds!r}")
+            run_experiment(args.name, quick=args.quick, out_dir=args.out, seeds=seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,8 @@ BENCHMARKS: dict[str, str] = {
     "train-step": "classroom GLM-5 training step (fwd+bwd+optimizer) vs an all-dense model of matched active size",
     "spec-decode": "trained classroom GLM-5, 256 greedy tokens: MTP speculative decoding (3 drafts) vs plain",
     "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
+    "rl-async": "the same RL updates with synchronous vs asynchronous rollouts under long-tailed env latency",
+    "kernels": "Triton kernels vs their PyTorch twins (GPU: time, TFLOP/s, GB/s; CPU: correctness checks only)",
 }
 
 
