@@ -60,6 +60,19 @@ from glm5_ref.layers import SwiGLU
 IMPLS = ("grouped", "loop")
 
 
+def _triton_usable(*tensors: torch.Tensor) -> bool:
+    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
+    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
+    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
+    try:
+        from kernels import can_run
+    except ImportError:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(can_run(t) for t in tensors)
+
+
 def select_experts(biased: torch.Tensor, k: int, n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
     """Indices (N, K) of the top-k experts by ``biased`` score (N, E), restricted to the topk_group best groups."""
     if n_group > 1:
@@ -177,10 +190,13 @@ class MoE(nn.Module):
             if not name.startswith("gate.") and p.device.type != "meta":  # meta: shapes only, nothing to fill
                 nn.init.normal_(p, std=config.initializer_range)  # as transformers initialises GLM-5
         self._pack_experts()
+        self.use_triton = False  # opt-in: routed experts through kernels.moe_gemm where it can run (inference)
 
     # ---- packed expert storage ------------------------------------------------------------------------
     def _expert_params(self) -> list[torch.Tensor]:
-        return [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        # plain dict look-ups: this runs on every forward, and nn.Module.__getattr__ costs ~0.5 us a call
+        return [e._modules[n]._parameters["weight"] for e in self.experts._modules.values()
+                for n in ("gate_proj", "up_proj", "down_proj")]
 
     @torch.no_grad()
     def _pack_experts(self) -> None:
@@ -198,6 +214,8 @@ class MoE(nn.Module):
         """gate|up (E, 2I, d) and down (E, d, I), differentiable views of the experts' own parameters."""
         if [p.data_ptr() for p in self._expert_params()] != self._packed_addresses:
             self._pack_experts()  # a parameter was replaced (.to(), assign=True, deepcopy ...): re-pack once
+        if not torch.is_grad_enabled():  # inference: no gradient to route back, skip the autograd views
+            return self._packed
         gates = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight)]
         return (_PackedView.apply(self._packed[0], *gates),
                 _PackedView.apply(self._packed[1], *(e.down_proj.weight for e in self.experts)))
@@ -253,6 +271,12 @@ class MoE(nn.Module):
         xs = h[token_of_slot]  # (S, d): permute, contiguous segment per expert
         w = topk_weight.reshape(-1)[order, None]  # (S, 1) fp32 gate weight of each sorted slot
         I = self.config.moe_intermediate_size
+        if self.use_triton and _triton_usable(h, self.experts[0].down_proj.weight):
+            from kernels.moe_gemm import moe_experts  # lazy: glm5_ref never imports triton at module level
+            gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
+            offs = counts.cumsum(0).to(torch.int32)  # (E,)
+            ys = moe_experts(xs.contiguous(), gate_up, down, offs, w.reshape(-1).contiguous())  # (S, d)
+            return torch.zeros_like(h).index_add_(0, token_of_slot, ys)
         if grouped_mm_supported(h.dtype, h.device, h.shape[1], I):
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's segment
