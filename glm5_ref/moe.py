@@ -233,22 +233,31 @@ class MoE(nn.Module):
         B, T, d = x.shape
         h = x.reshape(B * T, d)  # (N, d)
         topk_idx, topk_weight, scores = self.gate(h)  # (N, K), (N, K), (N, E)
-        experts = self._experts_loop if impl == "loop" else self._experts_grouped
-        y = experts(h, topk_idx, topk_weight)  # (N, d)
+        y = self.expert_outputs(h, topk_idx, topk_weight, impl)  # (N, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         y = y.reshape(B, T, d)
         if not return_aux:
             return y
         c = self.config
+        K, E = c.num_experts_per_tok, c.n_routed_experts
         aux = MoEAux(
-            topk_idx=topk_idx.reshape(B, T, -1), topk_weight=topk_weight.reshape(B, T, -1),
-            scores=scores.reshape(B, T, -1),
-            tokens_per_expert=torch.bincount(topk_idx.flatten(), minlength=c.n_routed_experts),
-            balance_loss=balance_loss(scores.reshape(B, T, -1), topk_idx.reshape(B, T, -1), c.n_routed_experts,
-                                      c.num_experts_per_tok, c.aux_loss_alpha_seq),
+            topk_idx=topk_idx.reshape(B, T, K), topk_weight=topk_weight.reshape(B, T, K),
+            scores=scores.reshape(B, T, E),
+            tokens_per_expert=torch.bincount(topk_idx.flatten(), minlength=E),
+            balance_loss=balance_loss(scores.reshape(B, T, E), topk_idx.reshape(B, T, K), E, K,
+                                      c.aux_loss_alpha_seq),
         )
         return y, aux
+
+    def expert_outputs(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                       impl: str = "grouped") -> torch.Tensor:
+        """The routed experts alone: y_t = sum_k topk_weight[t, k] FFN_{topk_idx[t, k]}(h_t), h (N, d) -> (N, d).
+        The public entry point of the expert computation (distributed/expert_parallel.py runs its local experts
+        through it); indices refer to ``self.experts``."""
+        if impl not in IMPLS:
+            raise ValueError(f"MoE impl: expected one of {IMPLS}, got {impl!r}")
+        return (self._experts_loop if impl == "loop" else self._experts_grouped)(h, topk_idx, topk_weight)
 
     def _experts_loop(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """The readable twin: one expert at a time, skipping experts that got no token."""
@@ -314,7 +323,7 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, k
         raise ValueError(f"balance_loss topk_idx: expected {tuple(scores.shape[:2]) + (k,)}, got "
                          f"{tuple(topk_idx.shape)}")
     B, T, E = scores.shape
-    if T == 0:
+    if B == 0 or T == 0:  # no token: no imbalance (and never a 0/0 NaN)
         return scores.new_zeros((), dtype=torch.float32)
     chosen = torch.zeros(B, E, device=scores.device).scatter_add_(
         1, topk_idx.reshape(B, T * k), torch.ones(B, T * k, device=scores.device))  # (B, E) selections

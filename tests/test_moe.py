@@ -340,3 +340,14 @@ def test_matches_transformers_router_and_moe(config, n, seed, norm):
         y_ref = ref(x)
         for impl in ("grouped", "loop"):
             assert rel(m(x, impl=impl), y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batch_gives_empty_output_and_zero_balance_loss(shape):
+    config = GLM5Config.tiny()
+    moe = MoE(config)
+    y, aux = moe(torch.randn(*shape, config.hidden_size), return_aux=True)
+    assert y.shape == (*shape, config.hidden_size)
+    assert aux.topk_idx.shape == (*shape, config.num_experts_per_tok)
+    assert aux.tokens_per_expert.sum() == 0
+    assert aux.balance_loss.item() == 0.0  # not NaN
