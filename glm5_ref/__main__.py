@@ -4,7 +4,8 @@ Commands
   demo              the main job (make demo): the GLM-5 tour, then train the classroom GLM-5 (about 7 minutes on
                     2 CPU cores, or reuse runs/classroom/), sample Python from it, write figures, summarise
   train             train a preset on the classroom corpus: --config classroom --minutes N --out DIR [--steps N]
-                    [--optimizer adamw|muon|muon_split] [--resume] ...
+                    [--optimizer adamw|muon|muon_split] [--resume] ...; data parallel on W processes:
+                    torchrun --nproc_per_node W -m glm5_ref train ... [--expert-parallel] (gloo on CPU, NCCL on GPUs)
   generate          complete a prompt with a trained checkpoint: --ckpt DIR --prompt "def f(" [--max-new-tokens N
                     --temperature T --seed S]
   params [--config] parameter counts by component for a preset (glm5, classroom, tiny)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p_train.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument("--expert-parallel", action="store_true",
+                         help="under torchrun: shard the routed experts over the ranks (world size must divide them)")
     _add_train_options(p_train, minutes_default=None)
 
     p_gen = sub.add_parser("generate", help="complete a prompt with a trained checkpoint")
@@ -112,15 +115,23 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.minutes is None and args.steps is None:
                 raise ValueError("train: give --minutes N (a wall-clock budget) or --steps N")
+            dp = None
+            from glm5_ref.distributed.data_parallel import DataParallel, init_from_env
+
+            if init_from_env():  # launched by torchrun: every rank runs this same command
+                dp = DataParallel(expert_parallel=args.expert_parallel)
+            elif args.expert_parallel:
+                raise ValueError("--expert-parallel: needs several processes; launch with torchrun --nproc_per_node N")
             kwargs = {k: v for k, v in DEMO_TRAIN.items() if k not in ("minutes",)} | _train_kwargs(args)
             if args.seq_len is None:  # the demo's 256, or less for a preset with shorter positions (tiny: 255)
                 kwargs["seq_len"] = min(kwargs["seq_len"], resolve_config(args.config).max_position_embeddings - 1)
             result = train(args.config, args.out, minutes=args.minutes, steps=args.steps, optimizer=args.optimizer,
                            seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                           progress=not args.no_progress, **kwargs)
-            print(f"trained {result.step} steps ({result.tokens:,} tokens) in {result.elapsed_s:.0f} s; "
-                  f"validation {result.final_eval['loss']:.3f} nats/token = {result.final_eval['bpb']:.3f} "
-                  f"bits/byte; checkpoint: {result.checkpoint}")
+                           progress=not args.no_progress, data_parallel=dp, **kwargs)
+            if dp is None or dp.is_main:
+                print(f"trained {result.step} steps ({result.tokens:,} tokens) in {result.elapsed_s:.0f} s; "
+                      f"validation {result.final_eval['loss']:.3f} nats/token = {result.final_eval['bpb']:.3f} "
+                      f"bits/byte; checkpoint: {result.checkpoint}")
         elif args.command == "generate":
             from glm5_ref.demo import complete
             from glm5_ref.train import load_model

@@ -38,7 +38,10 @@ Choices where the paper is silent or does not apply at this scale
       classroom batch sizes on a CPU (``optimizer="muon"`` / ``"muon_split"`` select GLM-5's optimizer).
     * The router bias keeps gamma = bias_update_speed through the run (GLM-4.5 turns it off late).
     * Windows cross document boundaries (EOT marks them); there is no attention mask between documents.
-Not handled: gradient accumulation, mixed precision, data/expert parallelism (glm5_ref/distributed/).
+Data parallelism (``data_parallel=DataParallel(...)``, which ``torchrun ... -m glm5_ref train`` sets up):
+every rank draws the same global batch and trains on its slice through DDP, rank 0 alone writes the log and the
+checkpoints, the clock is rank 0's; glm5_ref/distributed/data_parallel.py has the details, expert parallelism too.
+Not handled: gradient accumulation, mixed precision.
 """
 
 from __future__ import annotations
@@ -226,10 +229,16 @@ class _DeferInterrupt:
 
 # ---- one step -----------------------------------------------------------------------------------------------
 def train_step(model: GLM5ForCausalLM, optimizer: torch.optim.Optimizer, batch: torch.Tensor, stage: str = "dense",
-               grad_clip: float | None = 1.0, bias_update_speed: float | None = None, **forward_kwargs):
+               grad_clip: float | None = 1.0, bias_update_speed: float | None = None, data_parallel=None,
+               **forward_kwargs):
     """Forward, loss for the DSA ``stage`` (set with set_dsa_stage first), backward, clip, optimizer step, router
     bias update (gamma = ``bias_update_speed``, default config.bias_update_speed). ``batch`` (B, T + 1) is both
-    input and labels (the model shifts). Returns (out, loss, grad norm)."""
+    input and labels (the model shifts). Returns (out, loss, grad norm). With ``data_parallel`` (a
+    distributed.DataParallel that prepared ``model``) ``batch`` is the global batch and each rank trains on its
+    slice (DataParallel.train_step)."""
+    if data_parallel is not None:
+        return data_parallel.train_step(model, optimizer, batch, stage, grad_clip, bias_update_speed,
+                                        **forward_kwargs)
     out = model(batch, labels=batch, indexer_loss=stage != "dense", **forward_kwargs)
     loss = out.indexer_loss if stage == "warmup" else out.loss
     if not torch.isfinite(loss):
@@ -276,7 +285,8 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
           eval_batch_size: int = 16, checkpoint_every: int | None = None, checkpoint_minutes: float = 2.0,
           mtp_depths: int | None = None, mtp_start: float = 0.0, bias_update_speed: float | None = None,
           seed: int = 0, resume: bool = False,
-          overwrite: bool = False, progress: bool = True, callback=None, splits=None) -> TrainResult:
+          overwrite: bool = False, progress: bool = True, callback=None, splits=None,
+          data_parallel=None) -> TrainResult:
     """Train ``config`` on the classroom corpus into ``out_dir`` (see the module docstring).
 
     minutes / steps   the run's total budget: with ``steps`` the schedule is laid out in steps (deterministic)
@@ -291,7 +301,10 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
     bias_update_speed gamma of the router-bias update (None: config.bias_update_speed, GLM-4.5's 1e-3).
     callback          called as callback(step, record) after every completed step (between steps).
     splits            a data.CorpusSplits to use instead of the cached classroom corpus.
+    data_parallel     a distributed.DataParallel (every rank calls train with the same arguments; batch_size is
+                      the global batch); None: one process.
     """
+    dp = data_parallel
     config = resolve_config(config)
     _check_budget(minutes, steps)
     if optimizer not in OPTIMIZERS:
@@ -311,6 +324,15 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
     if not 0 <= mtp_start <= 1:
         raise ValueError(f"mtp_start: expected a fraction of the run in [0, 1], got {mtp_start!r}")
     schedule = parse_dsa_schedule(dsa_stage)
+    if dp is not None:  # the first collective: every rank must have been given the same run
+        dp.check_same(config=dataclasses.asdict(config), run=dict(
+            out_dir=os.fspath(out_dir), minutes=minutes, steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
+            seq_len=seq_len, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip,
+            dsa_stage=schedule, num_evals=num_evals, eval_windows_n=eval_windows_n, mtp_depths=mtp_depths,
+            mtp_start=mtp_start, bias_update_speed=bias_update_speed, seed=seed, resume=resume, overwrite=overwrite,
+            expert_parallel=dp.expert_parallel))
+        dp.check_sizes(config, batch_size, eval_windows_n)
+    main = dp is None or dp.is_main  # the process that writes files
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {os.fspath(out_dir)} exists and is not a directory")
@@ -338,14 +360,27 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
             raise ValueError(f"resume: the checkpoint in {os.fspath(ckpt)} has a different config "
                              f"({saved_config.name}) than the one given ({config.name})")
         model = GLM5ForCausalLM.from_pretrained(ckpt)
+    num_params = sum(p.numel() for p in model.parameters())
+    if dp is not None:
+        dp.prepare(model)  # to the rank's device, experts sharded (expert parallel), DDP
     model.train()
-    opt = build_optimizer(model, optimizer, lr, weight_decay=weight_decay)  # every parameter, before any freezing
+    make_opt = dp.build_optimizer if dp is not None else build_optimizer
+    opt = make_opt(model, optimizer, lr, weight_decay=weight_decay)  # every parameter, before any freezing
     clock = {"start": time.perf_counter(), "offset": 0.0}
+
+    def elapsed() -> float:  # under data parallelism: rank 0's clock, as last synchronised (sync_clock)
+        if dp is not None and "synced" in clock:
+            return clock["synced"]
+        return clock["offset"] + time.perf_counter() - clock["start"]
+
+    def sync_clock() -> None:
+        if dp is not None:
+            clock.pop("synced", None)
+            clock["synced"] = dp.broadcast_float(elapsed())
 
     def progress_now(step: int) -> float:
         p_steps = step / steps if steps is not None else 0.0
-        elapsed = clock["offset"] + time.perf_counter() - clock["start"]
-        p_time = elapsed / budget_s if budget_s is not None and steps is None else 0.0
+        p_time = elapsed() / budget_s if budget_s is not None and steps is None else 0.0
         return min(1.0, max(p_steps, p_time))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(progress_now(step), warmup, min_lr_ratio))
@@ -354,14 +389,21 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
         if saved["args"]["optimizer"] != optimizer:
             raise ValueError(f"resume: the checkpoint was trained with optimizer {saved['args']['optimizer']!r}, "
                              f"not {optimizer!r}")
-        opt.load_state_dict(saved["optimizer"])
+        if dp is not None:
+            dp.load_optimizer_state(opt, saved)
+        elif saved.get("world_size", 1) != 1:
+            raise ValueError(f"resume: the checkpoint was written by {saved['world_size']} data-parallel processes; "
+                             "resume it with torchrun and the same --nproc_per_node")
+        else:
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         sampler.load_state_dict(saved["sampler"])
         torch.set_rng_state(saved["torch_rng"])
         state.update(saved["loop"])
         clock["offset"] = state["elapsed_s"]
-        _truncate_log(log_path, state["step"])
-    elif log_path.exists():
+        if main:
+            _truncate_log(log_path, state["step"])
+    elif log_path.exists() and main:
         log_path.unlink()
 
     args = dict(config=config.name, minutes=minutes, steps=steps, optimizer=optimizer, lr=lr, batch_size=batch_size,
@@ -375,17 +417,16 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
     records: list[dict] = []
     stage = None
 
-    def elapsed() -> float:
-        return clock["offset"] + time.perf_counter() - clock["start"]
-
     def write(record: dict) -> None:
         records.append(record)
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def run_eval() -> dict:
         nonlocal load_acc
-        result = evaluate(model, val, batch_size=eval_batch_size, byte_lengths=byte_lengths)
+        result = (dp.evaluate if dp is not None else evaluate)(model, val, batch_size=eval_batch_size,
+                                                               byte_lengths=byte_lengths)
         record = {"kind": "eval", "step": state["step"], "tokens": state["tokens"], "elapsed_s": round(elapsed(), 3),
                   "val_loss": result["loss"], "val_bpb": result["bpb"], "stage": stage,
                   "expert_load": load_acc.tolist()}
@@ -395,13 +436,19 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
 
     def checkpoint(finished: bool = False) -> Path:
         state["elapsed_s"] = elapsed()
-        saved = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "loop": dict(state), "args": args}
+        saved = {"optimizer": opt.state_dict() if dp is None else None, "scheduler": sched.state_dict(),
+                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(state), "args": args}
+        full = model
+        if dp is not None:  # collectives: every rank takes part, rank 0 writes
+            saved.update(dp.optimizer_states(opt))
+            full = dp.full_model(model)
         info = {"step": state["step"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
                 "finished": finished, "stage": stage, "attention": "sparse" if state["indexer_trained"] else "dense",
                 "last_eval": {k: v for k, v in last_eval.items() if k != "expert_load"},
-                "num_params": sum(p.numel() for p in model.parameters()), "args": args}
-        return save_checkpoint(out_dir, model, saved, info)
+                "num_params": num_params, "args": args}
+        if not main:
+            return out_dir / CHECKPOINT
+        return save_checkpoint(out_dir, full, saved, info)
 
     def done(step: int) -> bool:
         if steps is not None and step >= steps:
@@ -409,7 +456,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
         return budget_s is not None and elapsed() >= budget_s
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
         timed = steps is None  # the bar counts seconds of the budget, not steps
         bar = tqdm(total=int(budget_s) if timed else steps, initial=0 if timed else state["step"],
@@ -420,7 +467,8 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
         stage = schedule[0][0]
         set_dsa_stage(model, stage)
         run_eval()  # the untrained model: where the curves start
-    last_save = time.perf_counter()
+    sync_clock()
+    last_save = elapsed()
     tok_s = None
     at_boundary = True  # False while a step is half done: an interrupt there must not be saved
     try:
@@ -439,7 +487,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
                 mtp_kwargs = {} if depths is None else {"mtp_depths": depths}
                 try:
                     out, loss, grad_norm = train_step(model, opt, batch, stage, grad_clip, bias_update_speed,
-                                                      **mtp_kwargs)
+                                                      data_parallel=dp, **mtp_kwargs)
                 except FloatingPointError as e:
                     raise FloatingPointError(f"step {state['step'] + 1}: {e} (lr {lr_now:.3g}); the last checkpoint "
                                              f"is in {os.fspath(out_dir)}") from None
@@ -449,6 +497,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
                 state["indexer_trained"] |= stage != "dense"
                 state["step"] += 1
                 state["tokens"] += tokens_per_step
+                sync_clock()
                 at_boundary = True
                 dt = time.perf_counter() - t0
                 tok_s = tokens_per_step / dt if tok_s is None else 0.9 * tok_s + 0.1 * tokens_per_step / dt
@@ -477,9 +526,9 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
                         bar.write(f"step {state['step']}: val loss {last_eval['val_loss']:.3f} nats/token, "
                                   f"{last_eval['val_bpb']:.3f} bits/byte")
                 if ((checkpoint_every and state["step"] % checkpoint_every == 0)
-                        or (checkpoint_minutes and time.perf_counter() - last_save > 60 * checkpoint_minutes)):
+                        or (checkpoint_minutes and elapsed() - last_save > 60 * checkpoint_minutes)):
                     checkpoint()
-                    last_save = time.perf_counter()
+                    last_save = elapsed()
                 if callback is not None:
                     callback(state["step"], record)
                 if interrupt.requested:
@@ -489,7 +538,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
         # it; in the middle of a step (a second Ctrl-C) it is not, and the last checkpoint stays as it was
         if bar is not None:
             bar.close()
-        if state["step"] > 0 and at_boundary:
+        if state["step"] > 0 and at_boundary and dp is None:  # a save is a collective under data parallelism
             path = checkpoint()
             print(f"interrupted after step {state['step']}: checkpoint saved in {path}; continue with resume=True "
                   "(--resume)")
@@ -501,7 +550,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
     return TrainResult(out_dir=os.fspath(out_dir), checkpoint=os.fspath(path), step=state["step"],
                        tokens=state["tokens"], elapsed_s=state["elapsed_s"],
                        final_eval={"loss": last_eval["val_loss"], "bpb": last_eval["val_bpb"]},
-                       num_params=sum(p.numel() for p in model.parameters()), stage=stage or schedule[-1][0],
+                       num_params=num_params, stage=stage or schedule[-1][0],
                        log=read_log(log_path))
 
 

@@ -27,9 +27,9 @@ Choices where the papers are silent
     * The gate weights multiply the expert outputs back on the token's own rank, after the second exchange:
       only hidden states travel, and the router's gradient stays local. (moe.py scales the down projection's
       input instead; linear, so equal up to rounding.)
-    * The local experts reuse moe.py's code: ``_LocalExperts`` holds E/W SwiGLU experts packed for one grouped
-      GEMM and borrows MoE's grouped and loop paths, so the two twins (and the GPU/CPU grouped-GEMM rules) are
-      the ones moe.py tests.
+    * The local experts reuse moe.py's code: ``_LocalExperts`` is a MoE holding only the E/W local SwiGLU
+      experts (packed for one grouped GEMM), computed by MoE's public ``expert_outputs``, so the two twins (and
+      the GPU/CPU grouped-GEMM rules, and any kernel path moe.py adds) are the ones moe.py tests.
     * Contiguous expert ranges per rank (expert e on rank e // (E/W)): the slots sorted by expert are then
       already sorted by destination, so one argsort serves both the dispatch and the per-expert segments.
     * Every rank must run forward AND backward of every EP layer, even with zero tokens: the exchanges are
@@ -94,18 +94,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group, anchor)
 
 
-class _LocalExperts(nn.Module):
-    """This rank's E/W routed experts, packed like MoE's, computed by MoE's own grouped and loop paths."""
+class _LocalExperts(MoE):
+    """This rank's E/W routed experts, packed like MoE's and computed by MoE's own ``expert_outputs`` (grouped,
+    loop, and whatever paths moe.py adds): a MoE without router or shared expert, over the local experts only."""
 
-    _expert_params = MoE._expert_params
-    _pack_experts = MoE._pack_experts
-    packed_expert_weights = MoE.packed_expert_weights
-    _experts_grouped = MoE._experts_grouped
-    _experts_loop = MoE._experts_loop
-
-    def __init__(self, config: GLM5Config, experts: list[nn.Module]):
-        super().__init__()
-        self.config = config  # only moe_intermediate_size is read
+    def __init__(self, moe: MoE, experts: list[nn.Module]):
+        nn.Module.__init__(self)  # not MoE.__init__: no router, no new experts
+        self.config = moe.config  # only moe_intermediate_size is read
+        for name, value in vars(moe).items():  # MoE's public switches (use_triton ...), as the full MoE has them
+            if not name.startswith("_") and name not in ("config", "training"):
+                setattr(self, name, value)
+        self.gate = self.shared_experts = None
         self.experts = nn.ModuleList(experts)
         self._pack_experts()
 
@@ -114,8 +113,7 @@ class _LocalExperts(nn.Module):
         if x.shape[0] == 0:  # no slot for my experts: still return a function of x, so that the graph reaches
             return x.clone()  # the first exchange and its reverse runs here as on every other rank
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)  # (R, 1): weights applied later
-        fn = self._experts_loop if impl == "loop" else self._experts_grouped
-        return fn(x, local_idx[:, None], ones)
+        return self.expert_outputs(x, local_idx[:, None], ones, impl)
 
 
 class ExpertParallelMoE(nn.Module):
@@ -128,7 +126,7 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, moe: MoE, group=None):
         super().__init__()
-        if not isinstance(moe, MoE):
+        if not isinstance(moe, MoE) or isinstance(moe, _LocalExperts):
             raise TypeError(f"ExpertParallelMoE moe: expected a glm5_ref.moe.MoE, got {type(moe).__name__}")
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE: torch.distributed is not initialised (init_process_group, "
@@ -141,7 +139,7 @@ class ExpertParallelMoE(nn.Module):
         self.gate = moe.gate
         self.shared_experts = moe.shared_experts
         local = [moe.experts[e] for e in range(self.expert_offset, self.expert_offset + self.n_local)]
-        self.local_experts = _LocalExperts(self.config, local)
+        self.local_experts = _LocalExperts(moe, local)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """The router and shared-expert parameters, which every rank holds a copy of."""
@@ -217,3 +215,31 @@ class ExpertParallelMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, world_size={self.world_size}, experts={self.expert_offset}.."
                 f"{self.expert_offset + self.n_local - 1} of {self.n_experts}")
+
+
+def ep_moe_demo(rank: int, world_size: int, config: GLM5Config, tokens: list[int], seed: int = 0,
+                impl: str = "grouped") -> dict:
+    """One expert-parallel forward and backward, for notebooks (``launch(ep_moe_demo, W, config, tokens)``).
+
+    Every rank builds the same seeded MoE(config) (``torch.manual_seed(seed)``), keeps its experts, and runs its
+    own tokens x_r (1, tokens[r], d) (seeded by seed + 1 + r, drawn from N(0, 1)) with the output gradient
+    ones. Returns this rank's y, x.grad, its experts' weight gradients under their global names
+    (experts.{e}.*), the router's and shared expert's all-reduced gradients, the tokens per expert, and the
+    bytes it sent to other ranks (rows of d values, dispatch plus combine)."""
+    if len(tokens) != world_size:
+        raise ValueError(f"ep_moe_demo tokens: expected one token count per rank ({world_size}), got {len(tokens)}")
+    torch.manual_seed(seed)
+    moe = MoE(config)
+    ep = ExpertParallelMoE(moe)
+    g = torch.Generator().manual_seed(seed + 1 + rank)
+    x = torch.randn(1, tokens[rank], config.hidden_size, generator=g).requires_grad_(True)  # (1, T_r, d)
+    y, aux = ep(x, impl=impl, return_aux=True)
+    y.sum().backward()
+    ep.allreduce_replicated_grads()
+    grads = {f"experts.{ep.expert_offset + int(n.split('.')[0])}.{n.split('.', 1)[1]}": p.grad
+             for n, p in ep.local_experts.experts.named_parameters()}
+    grads.update({n: p.grad for n, p in ep.named_parameters() if not n.startswith("local_experts.")})
+    owner = aux.topk_idx.reshape(-1) // ep.n_local  # (S,) the rank owning each slot's expert
+    off_rank = int((owner != rank).sum())
+    return dict(y=y.detach(), x_grad=x.grad, grads=grads, load=aux.tokens_per_expert, slots=int(owner.numel()),
+                off_rank_slots=off_rank, bytes_sent=2 * off_rank * config.hidden_size * x.element_size())
