@@ -60,6 +60,19 @@ from glm5_ref.layers import apply_rope
 from glm5_ref.mla import MLA, MLACache, allowed_keys, check_key_indices
 
 
+def _triton_usable(*tensors: torch.Tensor) -> bool:
+    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
+    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
+    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
+    try:
+        from kernels import can_run
+    except ImportError:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(can_run(t) for t in tensors)
+
+
 class DSACache(MLACache):
     """MLA's latent cache plus the indexer's key cache (index_head_dim values per token)."""
 
@@ -194,6 +207,7 @@ class DSAAttention(MLA):
         self.sparse = True
         self.sparse_impl = "gathered"
         self.detach_indexer_input = False
+        self.use_triton = False  # opt-in: kernels.indexer top-k + kernels.sparse_mla where they can run (inference)
         self._scores: torch.Tensor | None = None  # indexer scores (B, T, S) of the forward call in progress
         self._selected: torch.Tensor | None = None  # its top-k (B, T, K), None when attention is dense
         self._want_scores = False  # set by forward when the indexer loss needs the scores
@@ -204,6 +218,16 @@ class DSAAttention(MLA):
             x, c_q = x.detach(), c_q.detach()
         start = cache.length if cache is not None else 0
         fits = start + x.shape[1] <= self.config.index_topk  # every query's causal keys fit in the budget
+        if (self.use_triton and self.sparse and not fits and not self._want_scores and not self.indexer.fp8
+                and _triton_usable(x, self.indexer.wq_b.weight)):
+            from kernels.indexer import indexer_topk  # lazy: fused scores + top-k, the (B, T, S) scores never stored
+            keys = self.indexer.keys(x, positions)  # (B, T, I)
+            if cache is not None:
+                keys = cache.write_index_keys(keys.to(cache.index_keys.dtype), cache.length).to(x.dtype)  # (B, S, I)
+            q, w = self.indexer.queries(c_q, positions), self.indexer.head_weights(x)  # (B, T, J, I), (B, T, J)
+            self._selected = indexer_topk(q.contiguous(), keys.contiguous(), w.contiguous(), self.config.index_topk,
+                                          start)  # (B, T, K); may differ from the twin on near-ties (last-bit sums)
+            return self._selected
         need_scores = self._want_scores or (self.sparse and not fits)
         self._scores = self.indexer(x, c_q, positions, cache, scores=need_scores)  # (B, T, S) or None
         if not self.sparse or fits:
@@ -241,6 +265,11 @@ class DSAAttention(MLA):
         B, T, K = key_indices.shape
         S = latent.shape[1]
         idx = check_key_indices(key_indices, query_pos, B)  # (B, T, K) int64, -1 = padding
+        if self.use_triton and not return_probs and _triton_usable(q_nope, q_rope, latent, k_rope,
+                                                                   self.kv_b_proj.weight):
+            from kernels.sparse_mla import absorbed_sparse_attention  # lazy: glm5_ref never imports triton at load
+            w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)
+            return absorbed_sparse_attention(q_nope, q_rope, latent, k_rope, idx, w_uk, w_uv, self.scale)
         valid = idx >= 0  # (B, T, K)
         rows = torch.arange(B, device=idx.device)[:, None, None]  # (B, 1, 1)
         lat = latent[rows, idx.clamp_min(0)]  # (B, T, K, C): each query's selected latents

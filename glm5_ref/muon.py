@@ -67,11 +67,25 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 Blocks = list[tuple[int, int]]
 
 
+def _triton_usable(*tensors: torch.Tensor) -> bool:
+    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
+    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
+    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
+    try:
+        from kernels import can_run
+    except ImportError:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(can_run(t) for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Newton-Schulz
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
-    """Approximately orthogonalize G (..., m, n) -> U V^T, computed in ``dtype``; returns G's shape and dtype."""
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, use_triton: bool = False) -> torch.Tensor:
+    """Approximately orthogonalize G (..., m, n) -> U V^T, computed in ``dtype``; returns G's shape and dtype.
+    ``use_triton``: run the steps in kernels.newton_schulz (one-triangle X X^T) where it can run."""
     if G.dim() < 2:
         raise ValueError(f"newton_schulz G: expected a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -80,6 +94,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
         raise ValueError(f"newton_schulz coefficients: expected (a, b, c), got {coefficients!r}")
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    if use_triton and _triton_usable(G, G.new_empty(0, dtype=dtype)):
+        from kernels.newton_schulz import newton_schulz as newton_schulz_triton  # lazy: no triton at module level
+        return newton_schulz_triton(G, steps, eps, dtype, coefficients)
     a, b, c = coefficients
     m, n = G.shape[-2:]
     X = G.to(dtype) if G.dim() == 2 else G.to(dtype).reshape(-1, m, n)  # (m, n) or (N, m, n)
@@ -205,10 +222,11 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
-                 ns_dtype: torch.dtype | None = None, split_scale: str = "block"):
+                 ns_dtype: torch.dtype | None = None, split_scale: str = "block", use_triton: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, split_scale=split_scale, blocks=None)
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, split_scale=split_scale, blocks=None,
+                        use_triton=use_triton)  # use_triton: NS5 in kernels.newton_schulz where it can run
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -278,7 +296,8 @@ class Muon(torch.optim.Optimizer):
                 blocks = (g["blocks"] or [None] * len(g["params"]))[i] or [(0, p.shape[0])]
                 items += [(p, s, e, U[s:e]) for s, e in blocks]
             outs = _orthogonalize_all([M for *_, M in items], steps=g["ns_steps"], eps=g["eps"],
-                                      dtype=g["ns_dtype"], coefficients=g["ns_coefficients"])
+                                      dtype=g["ns_dtype"], coefficients=g["ns_coefficients"],
+                                      use_triton=g.get("use_triton", False))
             for p in {id(p): p for p, *_ in items}.values():
                 p.mul_(1 - lr * g["weight_decay"])  # decoupled weight decay, plain lr (as torch)
             for (p, s, e, _), O in zip(items, outs):

@@ -10,10 +10,20 @@ import os
 # Before torch is imported: idle OpenMP threads sleep instead of spinning, so that parallel pytest workers
 # (and notebook kernels, which inherit the environment) do not steal each other's cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Triton kernels (tests/kernels) run in Triton's CPU interpreter when there is no CUDA device. Triton reads
+# TRITON_INTERPRET when triton.language is first imported (its own library functions are defined then), and
+# other test modules import triton early (transformers does), so it is set here, before anything else; it is
+# removed again below if torch finds a GPU (importing torch does not import triton).
+_TRITON_INTERPRET_SET_HERE = "TRITON_INTERPRET" not in os.environ
+if _TRITON_INTERPRET_SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+if _TRITON_INTERPRET_SET_HERE and torch.cuda.is_available():  # a GPU: the kernels compile for it
+    del os.environ["TRITON_INTERPRET"]
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=20, deadline=None, print_blob=True,
