@@ -56,21 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.layers import apply_rope
+from glm5_ref.layers import apply_rope, triton_usable
 from glm5_ref.mla import MLA, MLACache, allowed_keys, check_key_indices
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
-    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
-    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
-    try:
-        from kernels import can_run
-    except ImportError:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(can_run(t) for t in tensors)
 
 
 class DSACache(MLACache):
@@ -219,7 +206,7 @@ class DSAAttention(MLA):
         start = cache.length if cache is not None else 0
         fits = start + x.shape[1] <= self.config.index_topk  # every query's causal keys fit in the budget
         if (self.use_triton and self.sparse and not fits and not self._want_scores and not self.indexer.fp8
-                and _triton_usable(x, self.indexer.wq_b.weight)):
+                and triton_usable(x, self.indexer.wq_b.weight)):
             from kernels.indexer import indexer_topk  # lazy: fused scores + top-k, the (B, T, S) scores never stored
             keys = self.indexer.keys(x, positions)  # (B, T, I)
             if cache is not None:
@@ -265,7 +252,7 @@ class DSAAttention(MLA):
         B, T, K = key_indices.shape
         S = latent.shape[1]
         idx = check_key_indices(key_indices, query_pos, B)  # (B, T, K) int64, -1 = padding
-        if self.use_triton and not return_probs and _triton_usable(q_nope, q_rope, latent, k_rope,
+        if self.use_triton and not return_probs and triton_usable(q_nope, q_rope, latent, k_rope,
                                                                    self.kv_b_proj.weight):
             from kernels.sparse_mla import absorbed_sparse_attention  # lazy: glm5_ref never imports triton at load
             w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)

@@ -1,4 +1,5 @@
-"""Small shared primitives: RMSNorm, rotary position embedding (both pairings), SwiGLU.
+"""Small shared primitives: RMSNorm, rotary position embedding (both pairings), SwiGLU; and triton_usable,
+the one gate through which dsa.py, moe.py and muon.py reach the optional Triton kernels.
 
 Every other module of glm5_ref builds on these three; each is short enough to read in one sitting.
 
@@ -104,3 +105,16 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """May an opt-in Triton kernel (top-level package ``kernels``, imported lazily here, never at module load)
+    take these tensors? Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and
+    forward only: False when triton or ``kernels`` is missing, or when autograd would need a backward."""
+    try:
+        from kernels import can_run
+    except ImportError:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(can_run(t) for t in tensors)

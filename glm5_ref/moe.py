@@ -55,22 +55,9 @@ from einops import rearrange
 from torch import nn
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.layers import SwiGLU
+from glm5_ref.layers import SwiGLU, triton_usable
 
 IMPLS = ("grouped", "loop")
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
-    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
-    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
-    try:
-        from kernels import can_run
-    except ImportError:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(can_run(t) for t in tensors)
 
 
 def select_experts(biased: torch.Tensor, k: int, n_group: int = 1, topk_group: int = 1) -> torch.Tensor:
@@ -280,7 +267,7 @@ class MoE(nn.Module):
         xs = h[token_of_slot]  # (S, d): permute, contiguous segment per expert
         w = topk_weight.reshape(-1)[order, None]  # (S, 1) fp32 gate weight of each sorted slot
         I = self.config.moe_intermediate_size
-        if self.use_triton and _triton_usable(h, self.experts[0].down_proj.weight):
+        if self.use_triton and triton_usable(h, self.experts[0].down_proj.weight):
             from kernels.moe_gemm import moe_experts  # lazy: glm5_ref never imports triton at module level
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
             offs = counts.cumsum(0).to(torch.int32)  # (E,)

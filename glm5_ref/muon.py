@@ -63,21 +63,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from glm5_ref.layers import triton_usable
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 Blocks = list[tuple[int, int]]
-
-
-def _triton_usable(*tensors: torch.Tensor) -> bool:
-    """May the opt-in Triton kernel (top-level package ``kernels``, imported lazily here) take these tensors?
-    Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and forward only: False
-    when triton or kernels is missing or autograd would need a backward (the kernels have none)."""
-    try:
-        from kernels import can_run
-    except ImportError:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(can_run(t) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,7 +83,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
         raise ValueError(f"newton_schulz coefficients: expected (a, b, c), got {coefficients!r}")
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    if use_triton and _triton_usable(G, G.new_empty(0, dtype=dtype)):
+    if use_triton and triton_usable(G, G.new_empty(0, dtype=dtype)):
         from kernels.newton_schulz import newton_schulz as newton_schulz_triton  # lazy: no triton at module level
         return newton_schulz_triton(G, steps, eps, dtype, coefficients)
     a, b, c = coefficients
