@@ -540,10 +540,14 @@ class AsyncRLLoop:
             self.stop_event.set()
             for w in self.workers:
                 w.thread.join(timeout=2.0)
-        self.counts["unconsumed"] = sum(
-            1 for g in list(self.groups.values()) + self.completed_groups for k, _ in g.members.values() if k == "ok")
+        self.counts["unconsumed"] = self._unconsumed()
         return {"history": self.history, "counts": dict(self.counts), "wall_s": wall_s,
                 "final_version": self.store.version}
+
+    def _unconsumed(self) -> int:
+        """Finished rollouts, valid or failed, still waiting in a group when the loop stopped: seen, never judged."""
+        return sum(1 for g in list(self.groups.values()) + self.completed_groups
+                   for kind, _ in g.members.values() if kind != "lost")
 
     def _train(self, groups: list[list[Trajectory]], t0: float) -> None:
         cfg = self.cfg

@@ -88,6 +88,16 @@ def test_exactly_half_valid_drops_the_group(model):
     assert [t.rollout_id for t in kept] == ["a", "b", "d", "a"]
 
 
+def test_unconsumed_counts_every_finished_rollout_left_in_a_group(model):
+    # a failed rollout waiting in an unfinished group is seen but never judged: it must count as unconsumed,
+    # or the accounting seen == fates + unconsumed breaks (it did, rarely, in the crash test)
+    loop = AsyncRLLoop(model, ToolUseEnv(), LoopConfig(group_size=4, max_staleness=4))
+    loop.groups[0] = _Group(0, None, {0: ("ok", _traj("a", 0)), 1: ("failed", _traj("b", 0, failed=True)),
+                                      2: ("lost", None)})
+    loop.completed_groups.append(_Group(1, None, {0: ("failed", _traj("c", 0, failed=True))}))
+    assert loop._unconsumed() == 3
+
+
 def test_rl_step_masks_environment_tokens(model):
     m = GLM5ForCausalLM(toy_config())
     m.load_state_dict(model.state_dict())
