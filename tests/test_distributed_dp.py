@@ -179,7 +179,8 @@ def test_bad_input_fails_on_every_rank_fast(job):
 
 def test_torchrun_trains_end_to_end(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "-m", "glm5_ref", "train", "--config", "tiny", "--steps", "2",
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2",  # --standalone: a free port, never a clash
+           "-m", "glm5_ref", "train", "--config", "tiny", "--steps", "2",
            "--out", str(tmp_path / "run"), "--batch-size", "2", "--seq-len", "16", "--no-progress",
            "--expert-parallel", "--optimizer", "muon"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
