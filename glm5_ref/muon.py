@@ -71,18 +71,24 @@ Blocks = list[tuple[int, int]]
 
 # ---------------------------------------------------------------------------------------------------------
 # Newton-Schulz
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, use_triton: bool = False) -> torch.Tensor:
-    """Approximately orthogonalize G (..., m, n) -> U V^T, computed in ``dtype``; returns G's shape and dtype.
-    ``use_triton``: run the steps in kernels.newton_schulz (one-triangle X X^T) where it can run."""
-    if G.dim() < 2:
-        raise ValueError(f"newton_schulz G: expected a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+def check_newton_schulz_args(G, steps, coefficients, dtype: torch.dtype | None) -> torch.dtype:
+    """Validate newton_schulz's arguments (here and in kernels.newton_schulz); returns the compute dtype
+    (default: bf16 on CUDA, fp32 elsewhere)."""
+    if not isinstance(G, torch.Tensor) or G.dim() < 2:
+        raise ValueError(f"newton_schulz G: expected a matrix or a batch of matrices, got "
+                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"newton_schulz steps: expected a non-negative integer, got {steps!r}")
     if len(coefficients) != 3:
         raise ValueError(f"newton_schulz coefficients: expected (a, b, c), got {coefficients!r}")
-    if dtype is None:
-        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    return dtype if dtype is not None else (torch.bfloat16 if G.is_cuda else torch.float32)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, use_triton: bool = False) -> torch.Tensor:
+    """Approximately orthogonalize G (..., m, n) -> U V^T, computed in ``dtype``; returns G's shape and dtype.
+    ``use_triton``: run the steps in kernels.newton_schulz (one-triangle X X^T) where it can run."""
+    dtype = check_newton_schulz_args(G, steps, coefficients, dtype)
     if use_triton and triton_usable(G, G.new_empty(0, dtype=dtype)):
         from kernels.newton_schulz import newton_schulz as newton_schulz_triton  # lazy: no triton at module level
         return newton_schulz_triton(G, steps, eps, dtype, coefficients)
@@ -194,6 +200,14 @@ def muon_update(U: torch.Tensor, blocks=None, adjust_lr_fn: str | None = None, s
 
 # ---------------------------------------------------------------------------------------------------------
 # the optimizer
+def closure_loss(closure) -> torch.Tensor | None:
+    """The optimizer-step convention: re-evaluate the loss with gradients on, when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _check_finite(optimizer: torch.optim.Optimizer) -> None:
     """Raise ValueError naming the first parameter whose gradient is not finite (one device sync)."""
     items = [(g, i, p) for g in optimizer.param_groups for i, p in enumerate(g["params"]) if p.grad is not None]
@@ -265,10 +279,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         _check_finite(self)
         for g in self.param_groups:
             lr, mu = g["lr"], g["momentum"]
@@ -317,10 +328,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for o in self.optimizers.values():  # check everything before anything changes
             _check_finite(o)
         for o in self.optimizers.values():

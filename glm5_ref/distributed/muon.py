@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glm5_ref.muon import CombinedOptimizer, Muon, _check_finite, _orthogonalize_all, build_optimizer, scale_factor
+from glm5_ref.muon import (CombinedOptimizer, Muon, _check_finite, _orthogonalize_all, build_optimizer, closure_loss,
+                           scale_factor)
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,7 @@ class DistributedMuon(Muon):
     # ---- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         _check_finite(self)
         groups = self.param_groups
         units = [u for u in self.units() if groups[u.group]["params"][u.index].grad is not None]
