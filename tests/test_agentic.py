@@ -1,5 +1,6 @@
-"""The toy tool-use environment and the asynchronous loop (glm5_ref/agentic.py): the environment's rules,
-staleness / crash / group-padding rules, sync and async runs, fault injection, and the rl-toy quick run."""
+"""The toy tool-use environment (glm5_ref/tool_env.py) and the asynchronous loop (glm5_ref/agentic.py): the
+environment's rules, staleness / crash / group-padding rules, sync and async runs, fault injection, and the rl-toy
+quick run."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm5_ref.agentic import (ASSISTANT, OBSERVATION, TOOL_CALL, AsyncRLLoop, LoopConfig, ToolUseEnv, _Group,
-                              rl_step, toy_config, trajectories_to_batch)
+from glm5_ref.agentic import AsyncRLLoop, LoopConfig, _Group, rl_step, trajectories_to_batch
+from glm5_ref.tool_env import ASSISTANT, OBSERVATION, TOOL_CALL, ToolUseEnv, toy_config
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.tito import MODEL, PROMPT, Segment, Trajectory
 from glm5_ref.tokenizer import EOT_ID, encode

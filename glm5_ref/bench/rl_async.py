@@ -1,5 +1,5 @@
 """rl-async: the same number of RL updates with synchronous vs asynchronous rollouts when the environment's
-latency has a long tail (simulated: base + scale * Pareto(alpha), capped; agentic.long_tail_latency).
+latency has a long tail (simulated: base + scale * Pareto(alpha), capped; tool_env.long_tail_latency).
 
 Synchronous: issue a batch, wait for its slowest rollout, train, push (the trainer and the workers take turns).
 Asynchronous (GLM-5 section 4.1.1): workers keep rolling out while the trainer trains; a batch is formed from

@@ -1,7 +1,7 @@
 """rl-toy: asynchronous agentic RL on the toy tool-use task, with and without staleness.
 
-A ~0.6M-parameter GLM-5 (agentic.toy_config) is warm-started for a few hundred supervised steps on correct
-episodes of the calculator task (agentic.ToolUseEnv: call the tool with "a+b", read the observation, answer),
+A ~0.6M-parameter GLM-5 (tool_env.toy_config) is warm-started for a few hundred supervised steps on correct
+episodes of the calculator task (tool_env.ToolUseEnv: call the tool with "a+b", read the observation, answer),
 then trained with RL from the same starting weights in three ways:
     sync                 generate a batch with the current weights, train, push: no staleness (ratios = 1)
     async                12 rollout workers run ahead of the trainer (up to 16 groups in flight); tool calls
@@ -129,7 +129,7 @@ def run(quick: bool = False, out_dir: str | None = None, seeds: list[int] | None
         "experiment": "rl-toy",
         "quick": quick,
         "seeds": seeds,
-        "config": {**p, "env_range": list(ENV_RANGE), "tool_latency": LATENCY, "model": "agentic.toy_config()",
+        "config": {**p, "env_range": list(ENV_RANGE), "tool_latency": LATENCY, "model": "tool_env.toy_config()",
                    "push_every": 1,
                    "eps_low": 0.2, "eps_high": 0.28, "temperature": 1.0, "optimizer": "AdamW, reset after each push",
                    "runs": [list(r) for r in RUNS]},

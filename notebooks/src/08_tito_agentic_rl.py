@@ -251,7 +251,7 @@ checks["bandit: expected double-sided IS gradient == rl.double_sided_is_loss"] =
 # %% [markdown]
 # ## 4. The asynchronous loop on the toy tool-use task
 #
-# The task (`agentic.ToolUseEnv`): the user asks `a+b` ($10 \le a, b \le 29$). The model must call the
+# The task (`tool_env.ToolUseEnv`): the user asks `a+b` ($10 \le a, b \le 29$). The model must call the
 # calculator, `<|tool_call|> a + b <|observation|>`. The environment answers
 # `<|tool_result|> s <|assistant|>`, and the model must reply `s <|endoftext|>`. The reward is 1 for the
 # right call *and* the right answer. Only the model's two turns have loss mask 1.
