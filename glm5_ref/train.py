@@ -23,7 +23,7 @@ Schedules
     time / (minutes * 60) (the cosine ends exactly when the time budget does). LambdaLR drives it. Stages and
     evaluations are placed by the same p.
 
-Checkpoints (out_dir/checkpoint/, all written into a staging folder that is renamed into place)
+Checkpoints (out_dir/checkpoint/, all written into a staging folder that is renamed into place; checkpoint.py)
     config.json, model-*.safetensors, model.safetensors.index.json   model.save_pretrained: the released layout
     training_state.pt    optimizer, scheduler, data sampler (generator state), torch RNG, step, tokens, clock
     trainer_state.json   the same facts a person wants to read (step, stage, last evaluation, arguments)
@@ -50,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -59,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from glm5_ref.checkpoint import (CHECKPOINT, INFO_FILE, LOG_FILE, STATE_FILE, find_checkpoint, read_log,  # noqa: F401
+                                 read_trainer_state, save_checkpoint, truncate_log)
 from glm5_ref.config import GLM5Config
 from glm5_ref.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.dsa import DSAAttention, freeze_all_but_indexers
@@ -68,10 +69,7 @@ from glm5_ref.tokenizer import VOCAB_SIZE
 
 STAGES = ("dense", "warmup", "sparse")
 OPTIMIZERS = ("adamw", "muon", "muon_split")
-CHECKPOINT = "checkpoint"
-STATE_FILE = "training_state.pt"
-INFO_FILE = "trainer_state.json"
-LOG_FILE = "log.jsonl"
+
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------
@@ -153,28 +151,7 @@ def matched_dense_config(config: GLM5Config) -> GLM5Config:
                                intermediate_size=width)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder for ``path``: a checkpoint itself, or a training run's out_dir holding one.
-    A crash in the middle of the final rename leaves the previous checkpoint at ``checkpoint.tmp-old``: found too."""
-    path = Path(path)
-    for candidate in (path, path / CHECKPOINT, path / (CHECKPOINT + ".tmp-old")):
-        if (candidate / "config.json").is_file() and ((candidate / "model.safetensors.index.json").is_file()
-                                                      or (candidate / "model.safetensors").is_file()):
-            return candidate
-    raise ValueError(f"{os.fspath(path)} is not a checkpoint (no config.json + safetensors there or in "
-                     f"{os.fspath(path / CHECKPOINT)})")
-
-
-def read_trainer_state(path: str | os.PathLike) -> dict:
-    """trainer_state.json of a checkpoint (or of a run's out_dir); {} if there is none."""
-    try:
-        with open(find_checkpoint(path) / INFO_FILE) as fh:
-            return json.load(fh)
-    except (ValueError, OSError, json.JSONDecodeError):
-        return {}
-
-
+# ---- checkpoints (the files: checkpoint.py) -------------------------------------------------------------------
 def load_model(path: str | os.PathLike) -> GLM5ForCausalLM:
     """A trained model, with its attention set as it was trained (dense unless the indexer was trained)."""
     ckpt = find_checkpoint(path)
@@ -183,23 +160,6 @@ def load_model(path: str | os.PathLike) -> GLM5ForCausalLM:
     set_dsa_stage(model, "sparse" if info.get("attention") == "sparse" else "dense")
     model.eval()
     return model
-
-
-def save_checkpoint(out_dir: Path, model: GLM5ForCausalLM, state: dict, info: dict) -> Path:
-    """Write everything into checkpoint.tmp-stage/, then swap it with checkpoint/ (old one removed last)."""
-    final = out_dir / CHECKPOINT
-    stage = out_dir / (CHECKPOINT + ".tmp-stage")
-    old = out_dir / (CHECKPOINT + ".tmp-old")
-    shutil.rmtree(stage, ignore_errors=True)
-    model.save_pretrained(stage)
-    torch.save(state, stage / STATE_FILE)
-    (stage / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(stage, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 class _DeferInterrupt:
@@ -402,7 +362,7 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
         state.update(saved["loop"])
         clock["offset"] = state["elapsed_s"]
         if main:
-            _truncate_log(log_path, state["step"])
+            truncate_log(log_path, state["step"])
     elif log_path.exists() and main:
         log_path.unlink()
 
@@ -552,27 +512,3 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, minutes: float |
                        final_eval={"loss": last_eval["val_loss"], "bpb": last_eval["val_bpb"]},
                        num_params=num_params, stage=stage or schedule[-1][0],
                        log=read_log(log_path))
-
-
-def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not log_path.exists():
-        return
-    kept = [r for r in read_log(log_path) if r.get("step", 0) <= step]
-    tmp = log_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, log_path)
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The JSONL log of a run (a path to log.jsonl or to the run's out_dir); a torn last line is skipped."""
-    path = Path(path)
-    path = path / LOG_FILE if path.is_dir() else path
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
