@@ -11,12 +11,13 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # pytest workers: 2 on the 2-core CI machine
 JOBS ?= 2
 
-.PHONY: demo test test-fast notebooks venv clean help
+.PHONY: demo test test-fast test-random notebooks venv clean help browser
 
 help:
 	@echo "make demo       the main job: python -m glm5_ref demo"
 	@echo "make test       every test and every notebook (nbmake), as CI runs it"
 	@echo "make test-fast  the tests without the notebooks"
+	@echo "make test-random  every test and notebook in a random order (pytest-random-order; the seed is printed)"
 	@echo "make notebooks  re-execute every notebook from notebooks/src and save its outputs"
 
 $(BIN)/python:
@@ -36,10 +37,19 @@ venv: $(VENV)/.test
 demo: $(VENV)/.runtime
 	$(BIN)/python -m glm5_ref demo
 
-test: $(VENV)/.test
+# Debian's chromium for the slide reward's browser tests (installs once when missing; never fails the build)
+browser:
+	@bash scripts/setup_browser.sh
+
+test: $(VENV)/.test browser
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --nbmake --nbmake-timeout=180 notebooks/*.ipynb
 
-test-fast: $(VENV)/.test
+# the same suite in a random order, across the workers by test (not by file): order dependencies show up here
+test-random: $(VENV)/.test browser
+	$(BIN)/python -m pytest -n $(JOBS) -p random_order --random-order-bucket=global tests --nbmake \
+		--nbmake-timeout=180 notebooks/*.ipynb
+
+test-fast: $(VENV)/.test browser
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests
 
 notebooks: $(VENV)/.test

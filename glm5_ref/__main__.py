@@ -104,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
             torch.set_num_threads(args.threads)
         if args.command == "demo":
-            from glm5_ref.demo import run_demo
+            from glm5_ref.apps.demo import run_demo
 
             run_demo(config=args.config, minutes=args.minutes, steps=args.steps, out_dir=args.out,
                      figures_dir=args.figures, fresh=args.fresh, quick=args.quick, optimizer=args.optimizer,
                      seed=args.seed, **_train_kwargs(args))
         elif args.command == "train":
-            from glm5_ref.demo import DEMO_TRAIN
-            from glm5_ref.train import resolve_config, train
+            from glm5_ref.apps.demo import DEMO_TRAIN
+            from glm5_ref.training.options import resolve_config
+            from glm5_ref.training.run import train
 
             if args.minutes is None and args.steps is None:
                 raise ValueError("train: give --minutes N (a wall-clock budget) or --steps N")
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"validation {result.final_eval['loss']:.3f} nats/token = {result.final_eval['bpb']:.3f} "
                       f"bits/byte; checkpoint: {result.checkpoint}")
         elif args.command == "generate":
-            from glm5_ref.demo import complete
-            from glm5_ref.train import load_model
+            from glm5_ref.apps.demo import complete
+            from glm5_ref.training.run import load_model
 
             model = load_model(args.ckpt)
             text = complete(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -142,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             print(args.prompt + text)
         elif args.command == "params":
             from glm5_ref.config import GLM5Config
-            from glm5_ref.tour import params_table
+            from glm5_ref.apps.tour import params_table
 
             print(params_table(GLM5Config.preset(args.config)))
         elif args.command == "bench":
-            from glm5_ref.bench import BENCHMARKS, run_benchmark
+            from glm5_ref.apps.bench import BENCHMARKS, run_benchmark
 
             if args.list or not args.name:
                 for name, text in sorted(BENCHMARKS.items()):
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             run_benchmark(args.name, as_json=args.json, quick=args.quick)
         elif args.command == "experiment":
-            from glm5_ref.experiments import EXPERIMENTS, run_experiment
+            from glm5_ref.apps.experiments import EXPERIMENTS, run_experiment
 
             if args.list or not args.name:
                 for name, text in sorted(EXPERIMENTS.items()):

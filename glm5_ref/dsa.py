@@ -18,11 +18,9 @@ What it is
     prefill attention (and 64 * 1088 absorbed decode), so at 128K context sparse attention over 2048 keys
     plus the dense indexer is several times cheaper than dense MLA.
 
-Two ways to run sparse attention, equal to each other (tested):
-    * masked:   dense logits over all S keys, -inf outside the selection (MLA's attention_core with
-                key_indices); simple, and what transformers does;
-    * gathered: gather the K selected latents per query, (B, T, K, C), and attend over those in the
-                absorbed form; the cost no longer grows with S. Decode uses it.
+The interface to MLA is one argument: the indexer's top-k goes to ``MLA.attend`` as ``key_indices``, which
+runs it masked (dense logits, -inf outside the selection: what transformers does) or gathered (attend over
+each query's K latents only, so the cost no longer grows with S; decode uses it). Equal; tested (mla.py).
 
 Indexer training (DeepSeek-V3.2 section 2.1.1; GLM-5 appendix A):
     target p_{t,s} = sum_i a_{t,s,i} / sum_{s'} sum_i a_{t,s',i}  (main attention summed over heads, detached)
@@ -57,7 +55,7 @@ from torch import nn
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.layers import apply_rope, triton_usable
-from glm5_ref.mla import MLA, MLACache, allowed_keys, check_key_indices
+from glm5_ref.mla import MLA, AttentionOutput, MLACache, allowed_keys
 
 
 class DSACache(MLACache):
@@ -101,7 +99,6 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(config.hidden_size, I, bias=False)  # W^IK: one key per token
         self.k_norm = nn.LayerNorm(I, eps=1e-6)  # with bias, unlike every RMSNorm of the model
         self.weights_proj = nn.Linear(config.hidden_size, J, bias=False)  # W^Iw: per-head weights
-        self.fp8 = False  # simulate the production Hadamard + FP8 block quantisation (see module docstring)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE on the FIRST rope_dim dims (the main MLA puts its rope dims LAST)."""
@@ -119,25 +116,28 @@ class Indexer(nn.Module):
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         return self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, T, J), fp32
 
-    def scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s] / sqrt(I)): (B, T, J, I), (B, S, I), (B, T, J) -> (B, T, S)."""
-        if self.fp8:
+    def scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s] / sqrt(I)): (B, T, J, I), (B, S, I), (B, T, J) -> (B, T, S).
+        ``fp8``: score from Hadamard-rotated, FP8-rounded queries and keys (the production precision trick)."""
+        if fp8:
             q, keys = fp8_simulate(hadamard_rotate(q)), fp8_simulate(hadamard_rotate(keys))
         q = q.float() * self.head_dim ** -0.5  # scale the (J, I) queries, not the (J, S) logits
         logits = torch.einsum("btji,bsi->btjs", q, keys.float())  # (B, T, J, S)
         return torch.einsum("btj,btjs->bts", weights, F.relu(logits))  # (B, T, S)
 
-    def forward(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
-                cache: DSACache | None = None, scores: bool = True) -> torch.Tensor | None:
-        """Scores of the T new queries against every key so far, (B, T, S) with S = cache length + T.
-        Future keys are NOT masked here (``select_topk`` and ``indexer_kl`` do it). With ``scores=False``
-        only the new keys are cached (dense decoding still has to keep the indexer cache complete)."""
+    def cached_keys(self, x: torch.Tensor, positions: torch.Tensor, cache: DSACache | None) -> torch.Tensor:
+        """The new tokens' keys, written to the cache when there is one: the keys of the whole prefix (B, S, I)."""
         keys = self.keys(x, positions)  # (B, T, I)
-        if cache is not None:
-            keys = cache.write_index_keys(keys.to(cache.index_keys.dtype), cache.length).to(x.dtype)  # (B, S, I)
-        if not scores:
-            return None
-        return self.scores(self.queries(c_q, positions), keys, self.head_weights(x))
+        if cache is None:
+            return keys
+        return cache.write_index_keys(keys.to(cache.index_keys.dtype), cache.length).to(x.dtype)  # (B, S, I)
+
+    def forward(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
+                cache: DSACache | None = None, fp8: bool = False) -> torch.Tensor:
+        """Scores of the T new queries against every key so far, (B, T, S) with S = cache length + T.
+        Future keys are NOT masked here (``select_topk`` and ``indexer_kl`` do it)."""
+        keys = self.cached_keys(x, positions, cache)  # (B, S, I)
+        return self.scores(self.queries(c_q, positions), keys, self.head_weights(x), fp8=fp8)
 
 
 def select_topk(scores: torch.Tensor, query_pos: torch.Tensor, topk: int) -> torch.Tensor:
@@ -180,100 +180,69 @@ def indexer_kl(target: torch.Tensor, scores: torch.Tensor, support: torch.Tensor
 class DSAAttention(MLA):
     """MLA with the lightning indexer choosing each query's keys (``self_attn`` of every GLM-5 layer).
 
-    Switches (attributes, so a trainer can flip them between stages):
-      sparse                 True: top-k attention (GLM-5 after DSA training); False: dense MLA (stage 1).
-      sparse_impl            "gathered" (default; absorbed attention over the gathered K latents) or
-                             "masked" (dense logits masked outside the selection). Only the absorbed path
-                             gathers; the expanded path always masks.
+    ``forward(...) -> (B, T, D)``; ``attend(...) -> AttentionOutput`` (out, probs, key_indices, indexer_loss).
+    The indexer runs first (its keys join the cache), its top-k is handed to MLA as ``key_indices``; nothing is
+    kept on the module between calls. Keyword arguments of both (Execution in execution.py sets them for a
+    whole model):
+      sparse                 True: top-k attention (GLM-5 after DSA training); False: dense MLA (the indexer
+                             still caches its keys, and scores only when its loss is asked for).
+      indexer_loss           also return the indexer KL against this call's attention (module docstring).
       detach_indexer_input   the indexer sees x.detach() and c_q.detach() (stage 2 of DeepSeek-V3.2).
+      sparse_impl            "gathered" (absorbed attention over the gathered K latents) or "masked".
+      key_selector           replaces the indexer's top-k (experiments' recency / random controls):
+                             key_selector(layer_idx, query_pos (T,), num_keys S, batch_size B) -> (B, T, K).
+      use_triton, fp8        the Triton indexer + sparse kernels where they can run; the FP8 simulation.
+    While every query's causal keys fit in index_topk, attention is dense (exactly what top-k would give).
     """
 
     def __init__(self, config: GLM5Config, layer_idx: int = 0):
         super().__init__(config, layer_idx)
         self.indexer = Indexer(config)
-        self.sparse = True
-        self.sparse_impl = "gathered"
-        self.detach_indexer_input = False
-        self.use_triton = False  # opt-in: kernels.indexer top-k + kernels.sparse_mla where they can run (inference)
-        self._scores: torch.Tensor | None = None  # indexer scores (B, T, S) of the forward call in progress
-        self._selected: torch.Tensor | None = None  # its top-k (B, T, K), None when attention is dense
-        self._want_scores = False  # set by forward when the indexer loss needs the scores
 
-    def select_keys(self, x, c_q, positions, cache):
-        """Run the indexer, keep its scores for the KL loss, return the top-k (or None: dense attention)."""
-        if self.detach_indexer_input:
-            x, c_q = x.detach(), c_q.detach()
-        start = cache.length if cache is not None else 0
-        fits = start + x.shape[1] <= self.config.index_topk  # every query's causal keys fit in the budget
-        if (self.use_triton and self.sparse and not fits and not self._want_scores and not self.indexer.fp8
-                and triton_usable(x, self.indexer.wq_b.weight)):
-            from kernels.indexer import indexer_topk  # lazy: fused scores + top-k, the (B, T, S) scores never stored
-            keys = self.indexer.keys(x, positions)  # (B, T, I)
-            if cache is not None:
-                keys = cache.write_index_keys(keys.to(cache.index_keys.dtype), cache.length).to(x.dtype)  # (B, S, I)
-            q, w = self.indexer.queries(c_q, positions), self.indexer.head_weights(x)  # (B, T, J, I), (B, T, J)
-            self._selected = indexer_topk(q.contiguous(), keys.contiguous(), w.contiguous(), self.config.index_topk,
-                                          start)  # (B, T, K); may differ from the twin on near-ties (last-bit sums)
-            return self._selected
-        need_scores = self._want_scores or (self.sparse and not fits)
-        self._scores = self.indexer(x, c_q, positions, cache, scores=need_scores)  # (B, T, S) or None
-        if not self.sparse or fits:
-            return None  # dense attention (exactly what top-k gives when everything fits)
-        query_pos = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
-        self._selected = select_topk(self._scores, query_pos, self.config.index_topk)  # (B, T, K)
-        return self._selected
+    def forward(self, x, positions=None, cache=None, absorbed=False, **options) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); ``options`` as ``attend``."""
+        return self.attend(x, positions, cache, absorbed, **options).out
 
-    def forward(self, x, positions=None, cache=None, absorbed=False, key_indices=None, indexer_loss=False):
-        """As MLA.forward (without return_probs); with ``indexer_loss=True`` returns (out, KL of the indexer)."""
+    def attend(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: DSACache | None = None,
+               absorbed: bool = False, *, sparse: bool = True, indexer_loss: bool = False,
+               detach_indexer_input: bool = False, sparse_impl: str = "gathered", key_selector=None,
+               use_triton: bool = False, fp8: bool = False) -> AttentionOutput:
         if cache is not None and not isinstance(cache, DSACache):
             raise ValueError(f"cache: expected a DSACache (latents + indexer keys), got {type(cache).__name__}")
-        if indexer_loss and key_indices is not None:
-            raise ValueError("key_indices: the indexer loss needs the indexer's own selection; pass key_indices=None")
+        B, T = self.check_input(x, cache)
+        positions = self.resolve_positions(positions, B, T, cache, x.device)  # (B|1, T)
         start = cache.length if cache is not None else 0
-        self._scores, self._selected, self._want_scores = None, None, indexer_loss
-        try:
-            if not indexer_loss:  # inference and plain LM training: no probabilities kept
-                return super().forward(x, positions, cache, absorbed, key_indices)
-            out, probs = super().forward(x, positions, cache, absorbed, key_indices, return_probs=True)
-            query_pos = torch.arange(start, start + x.shape[1], device=x.device)  # (T,)
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"cache: overflow, length {start} + {T} new tokens > max_len {cache.max_len}")
+        query_pos = torch.arange(start, start + T, device=x.device)  # (T,)
+        c_q = self.q_latent(x)  # (B, T, R): shared by MLA and the indexer
+        xi, cqi = (x.detach(), c_q.detach()) if detach_indexer_input else (x, c_q)
+        if key_selector is not None and indexer_loss:
+            raise ValueError("key_selector: the indexer loss needs the indexer's own selection; pass key_selector=None")
+        fits = start + T <= self.config.index_topk  # every query's causal keys fit in the budget: dense
+        selected, scores = None, None
+        if sparse and not fits and key_selector is not None:
+            self.indexer.cached_keys(xi, positions, cache)
+            selected = key_selector(self.layer_idx, query_pos, start + T, B)  # (B, T, K)
+        elif (sparse and not fits and use_triton and not indexer_loss and not fp8
+              and triton_usable(x, self.indexer.wq_b.weight)):
+            from glm5_kernels.indexer import indexer_topk  # lazy: fused scores + top-k, no (B, T, S) scores kept
+            keys = self.indexer.cached_keys(xi, positions, cache)  # (B, S, I)
+            q, w = self.indexer.queries(cqi, positions), self.indexer.head_weights(xi)  # (B, T, J, I), (B, T, J)
+            selected = indexer_topk(q.contiguous(), keys.contiguous(), w.contiguous(), self.config.index_topk,
+                                    start)  # (B, T, K); may differ from the twin on near-ties (last-bit sums)
+        elif indexer_loss or (sparse and not fits):
+            scores = self.indexer(xi, cqi, positions, cache, fp8=fp8)  # (B, T, S)
+            selected = select_topk(scores, query_pos, self.config.index_topk) if sparse and not fits else None
+        else:
+            self.indexer.cached_keys(xi, positions, cache)  # dense decoding still keeps the indexer cache whole
+        res = super().attend(x, positions, cache, absorbed, selected, c_q=c_q, return_probs=indexer_loss,
+                             sparse_impl=sparse_impl, use_triton=use_triton)
+        if indexer_loss:
             # the indexer's distribution lives where attention did: the causal keys, or the selected ones
-            support = allowed_keys(query_pos, start + x.shape[1], self._selected, batch_size=x.shape[0])
-            return out, indexer_kl(attention_target(probs), self._scores, support)
-        finally:
-            self._scores, self._selected, self._want_scores = None, None, False
-
-    def attend_absorbed(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False):
-        if key_indices is None or self.sparse_impl == "masked":
-            return super().attend_absorbed(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)
-        return self.attend_gathered(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)
-
-    def attend_gathered(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False):
-        """Absorbed attention over the K selected latents only: the cost is independent of the context S."""
-        B, T, K = key_indices.shape
-        S = latent.shape[1]
-        idx = check_key_indices(key_indices, query_pos, B)  # (B, T, K) int64, -1 = padding
-        if self.use_triton and not return_probs and triton_usable(q_nope, q_rope, latent, k_rope,
-                                                                   self.kv_b_proj.weight):
-            from kernels.sparse_mla import absorbed_sparse_attention  # lazy: glm5_ref never imports triton at load
-            w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)
-            return absorbed_sparse_attention(q_nope, q_rope, latent, k_rope, idx, w_uk, w_uv, self.scale)
-        valid = idx >= 0  # (B, T, K)
-        rows = torch.arange(B, device=idx.device)[:, None, None]  # (B, 1, 1)
-        lat = latent[rows, idx.clamp_min(0)]  # (B, T, K, C): each query's selected latents
-        kr = k_rope[rows, idx.clamp_min(0)]  # (B, T, K, P)
-        w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope * self.scale, w_uk)  # (B, T, H, C), scale folded in
-        scores = (torch.einsum("bthc,btkc->bhtk", q_lat, lat)
-                  + torch.einsum("bthp,btkp->bhtk", q_rope * self.scale, kr))  # (B, H, T, K)
-        logits = scores.float().masked_fill(~valid[:, None], torch.finfo(torch.float32).min)
-        probs = torch.softmax(logits, dim=-1).masked_fill(~valid[:, None], 0.0)  # (B, H, T, K)
-        o_lat = torch.einsum("bhtk,btkc->bthc", probs.to(lat.dtype), lat)  # (B, T, H, C)
-        out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
-        if not return_probs:
-            return out
-        full = probs.new_zeros(B, probs.shape[1], T, S + 1)  # (B, H, T, S + 1): padding -> the extra column
-        slot = torch.where(valid, idx, S)[:, None].expand(-1, probs.shape[1], -1, -1)  # (B, H, T, K)
-        return out, full.scatter_add(-1, slot, probs)[..., :S]  # probabilities scattered back to key positions
+            support = allowed_keys(query_pos, start + T, selected, batch_size=B)
+            res.indexer_loss = indexer_kl(attention_target(res.probs), scores, support)
+        return res
 
 
 def freeze_all_but_indexers(model: nn.Module) -> list[str]:
@@ -321,17 +290,10 @@ def fp8_simulate(x: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 def fp8_topk_agreement(indexer: Indexer, x: torch.Tensor, c_q: torch.Tensor, topk: int) -> float:
     """Mean fraction of each query's full-precision top-k set that the FP8-simulated indexer also picks."""
-    T = x.shape[1]
-    positions = torch.arange(T, device=x.device)
-    old = indexer.fp8
-    try:
-        with torch.no_grad():
-            indexer.fp8 = False
-            ref = select_topk(indexer(x, c_q, positions), positions, topk)
-            indexer.fp8 = True
-            sim = select_topk(indexer(x, c_q, positions), positions, topk)
-    finally:
-        indexer.fp8 = old
+    positions = torch.arange(x.shape[1], device=x.device)
+    with torch.no_grad():
+        ref = select_topk(indexer(x, c_q, positions), positions, topk)
+        sim = select_topk(indexer(x, c_q, positions, fp8=True), positions, topk)
     hits, total = 0, 0
     for r, s in zip(ref.reshape(-1, ref.shape[-1]).tolist(), sim.reshape(-1, sim.shape[-1]).tolist()):
         a, b = {i for i in r if i >= 0}, {i for i in s if i >= 0}

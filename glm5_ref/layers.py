@@ -1,5 +1,6 @@
-"""Small shared primitives: RMSNorm, rotary position embedding (both pairings), SwiGLU; and triton_usable,
-the one gate through which dsa.py, moe.py and muon.py reach the optional Triton kernels.
+"""Small shared primitives: RMSNorm, rotary position embedding (both pairings), SwiGLU; triton_usable, the one
+gate through which mla.py, dsa.py, moe.py and muon.py reach the optional Triton kernels; and grouped_mm, torch's
+grouped GEMM (the MoE experts' one kernel call per projection) in a form torch.compile can trace.
 
 Every other module of glm5_ref builds on these three; each is short enough to read in one sitting.
 
@@ -30,6 +31,9 @@ Axes: B batch, T sequence, H heads, D feature dims of the rotated slice.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -108,13 +112,79 @@ class SwiGLU(nn.Module):
 
 
 def triton_usable(*tensors: torch.Tensor) -> bool:
-    """May an opt-in Triton kernel (top-level package ``kernels``, imported lazily here, never at module load)
-    take these tensors? Only CUDA tensors (CPU ones under TRITON_INTERPRET=1) of a dtype it handles, and
-    forward only: False when triton or ``kernels`` is missing, or when autograd would need a backward."""
-    try:
-        from kernels import can_run
-    except ImportError:
+    """May an opt-in Triton kernel (package ``glm5_kernels``, folder kernels/) take these tensors? Decided here,
+    without importing the kernels: triton must be installed; every tensor on CUDA (or on the CPU when Triton's
+    interpreter is on, TRITON_INTERPRET=1, where bf16 is computed wrongly and so refused) in fp16/bf16/fp32; and
+    forward only (False when autograd would need a backward through the kernel)."""
+    if importlib.util.find_spec("triton") is None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return all(can_run(t) for t in tensors)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+        if interpreting and (t.device.type != "cpu" or t.dtype == torch.bfloat16):
+            return False
+        if not interpreting and t.device.type != "cuda":
+            return False
+    return True
+
+
+# ---- the grouped GEMM of the MoE experts (moe.py), usable under torch.compile ----------------------------
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
+    """Can torch's grouped GEMM run here? fp32/bf16/fp16 on CPU (bf16 only on GPU), and every row stride
+    (width * element size) a multiple of 16 bytes. Otherwise MoE falls back to a loop over the segments."""
+    if _grouped_mm_fn() is None:
+        return False
+    if device.type == "cpu":
+        ok_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    else:
+        ok_dtype = dtype == torch.bfloat16
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return ok_dtype and all(w * itemsize % 16 == 0 for w in widths)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[s] = x[s] @ w[e(s)] for the rows s of expert e's segment (offs: (E,) int32 segment ends): (S, k), (E, k, n)
+    -> (S, n). torch's grouped GEMM; under torch.compile the same call wrapped as a custom operator, because the
+    compiler's shape function for torch._grouped_mm accepts bf16 only (the CPU kernel also runs fp32/fp16)."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(x, w, offs)
+    return _grouped_mm_fn()(x, w, offs=offs)
+
+
+# The custom operator for torch.compile: the eager kernel, a shape function for the compiler, and the backward
+# (dx = grouped dy @ w^T; dw[e] = x_e^T dy_e, the grouped GEMM with the groups along its inner dim). Its namespace
+# is this module's name, so a copy of this file in another package registers its own.
+_OP_NAMESPACE = __name__.replace(".", "_")
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_fn()(x, w, offs=offs)
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_fn()(x.t(), dy, offs=offs)  # (E, k, n)
+
+
+_grouped_mm_op.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[-1]))
+_grouped_mm_weight_grad.register_fake(lambda x, dy, offs: x.new_empty(offs.shape[0], x.shape[1], dy.shape[1]))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    return _grouped_mm_op(dy, w.transpose(1, 2), offs), _grouped_mm_weight_grad(x, dy, offs), None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)

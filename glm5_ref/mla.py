@@ -41,9 +41,22 @@ Choices where the paper is silent (and why)
       must sit at positions cache.length .. cache.length + T - 1.
     * ``MLACache`` does not detach: it is meant for inference under ``torch.no_grad()``.
 
+Sparse attention (what DSA asks of MLA): ``key_indices`` (B, T, K) gives each query the absolute positions of
+the keys it may attend to (-1 = padding), on top of the causal mask. Two equal ways to run it (tested):
+    masked    dense logits over all S keys, -inf outside the selection (both paths; what transformers does);
+    gathered  gather each query's K latents (B, T, K, C) and attend over those in the absorbed form, so the
+              cost no longer grows with S (absorbed path, ``sparse_impl="gathered"``: what DSA uses, since its
+              top-k indices are distinct; with repeated indices a key would count twice, so MLA's own default
+              is "masked", which treats key_indices as a set).
+
+The interface: ``forward(...) -> (B, T, D)`` always; ``attend(...) -> AttentionOutput`` when a caller needs more
+than the output (the attention probabilities for DSA's indexer loss, or a precomputed query latent). No state
+survives between calls on the module.
+
 Not handled: YaRN / mscale (GLM-5 uses the "default" RoPE), attention dropout, padding masks and per-row
-cache lengths (a batch shares one cache length), FP8 caches, fused kernels (FlashMLA). The DSA indexer
-lives in dsa.py and passes its top-k selection in here as ``key_indices``.
+cache lengths (a batch shares one cache length), FP8 caches, fused kernels (FlashMLA; the opt-in Triton kernel
+glm5_kernels.sparse_mla covers the gathered path at inference). The DSA indexer lives in dsa.py and passes its
+top-k selection in here as ``key_indices``.
 
 References: DeepSeek-V2 (arXiv 2405.04434) section 2.1; DeepSeek-V3 (arXiv 2412.19437) section 2.1;
 GLM-5 (arXiv 2602.15763); transformers ``models/glm_moe_dsa``; DeepSeek-V3.2-Exp ``inference/model.py``.
@@ -54,12 +67,25 @@ C kv latent (r_kv), N nope dims (d_n), P rope dims (d_r), V value dims (d_v), E 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from torch import nn
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.layers import RMSNorm, apply_rope
+from glm5_ref.layers import RMSNorm, apply_rope, triton_usable
+
+SPARSE_IMPLS = ("gathered", "masked")
+
+
+@dataclass
+class AttentionOutput:
+    """What ``MLA.attend`` (and ``DSAAttention.attend``) return."""
+    out: torch.Tensor                           # (B, T, D) the attention output after o_proj
+    probs: torch.Tensor | None = None           # (B, H, T, S) attention probabilities, with return_probs
+    key_indices: torch.Tensor | None = None     # (B, T, K) the keys each query attended (None: all causal keys)
+    indexer_loss: torch.Tensor | None = None    # () the indexer KL, DSA with indexer_loss=True
 
 
 class MLACache:
@@ -118,7 +144,8 @@ def allowed_keys(query_pos: torch.Tensor, num_keys: int, key_indices: torch.Tens
     key_indices: (B, T, K) integer absolute key positions, -1 = padding; each in [-1, t].
     """
     q = query_pos if query_pos.dim() == 2 else query_pos[None]  # (B|1, T)
-    if q.dim() != 2 or (q.numel() and (int(q.min()) < 0 or int(q.max()) >= num_keys)):
+    if q.dim() != 2 or (q.numel() and not torch.compiler.is_compiling()  # value checks: eager only (they sync)
+                        and (int(q.min()) < 0 or int(q.max()) >= num_keys)):
         raise ValueError(f"query_pos: expected (T,) or (B, T) positions in [0, {num_keys}), got shape "
                          f"{tuple(query_pos.shape)}")
     allowed = torch.arange(num_keys, device=q.device) <= q[..., None]  # (B|1, T, S): causal
@@ -141,28 +168,31 @@ def check_key_indices(key_indices: torch.Tensor, query_pos: torch.Tensor, batch_
     if key_indices.is_floating_point() or key_indices.is_complex() or key_indices.dtype == torch.bool:
         raise ValueError(f"key_indices: expected an integer dtype, got {key_indices.dtype}")
     idx = key_indices.long()
-    if idx.numel() and (bool((idx < -1).any()) or bool((idx > query_pos.reshape(-1, T, 1)).any())):
+    if idx.numel() and not torch.compiler.is_compiling() and (
+            bool((idx < -1).any()) or bool((idx > query_pos.reshape(-1, T, 1)).any())):
         raise ValueError("key_indices: expected values in [-1, t] for the query at position t (-1 = padding), "
                          f"got values in [{int(idx.min())}, {int(idx.max())}]")
     return idx
 
 
 def attention_core(scores: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,
-                   key_indices: torch.Tensor | None = None, return_probs: bool = False):
-    """Masked softmax over keys, then the weighted sum of values. Used by both MLA paths and by DSA.
+                   key_indices: torch.Tensor | None = None, return_probs: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked softmax over keys, then the weighted sum of values. Used by both MLA paths.
 
     scores: (B, H, T, S) scaled logits. values: (B, S, H, V) per head, or (B, S, V) shared by all heads
     (the absorbed path, where the values are the latents). query_pos, key_indices: see ``allowed_keys``.
-    Returns (B, T, H, V), and with ``return_probs`` also the probabilities (B, H, T, S) (DSA's indexer
-    loss reads them). A query with no allowed key gets zeros (and zero gradients), never NaN.
+    Returns (out (B, T, H, V), probs (B, H, T, S) with ``return_probs``, else None). A query with no allowed
+    key gets zeros (and zero gradients), never NaN.
     """
     B, H, T, S = scores.shape
     if values.shape[0] != B or values.shape[1] != S or values.dim() not in (3, 4):
         raise ValueError(f"values: expected ({B}, {S}, H, V) or ({B}, {S}, V), got {tuple(values.shape)}")
-    allowed = allowed_keys(query_pos, S, key_indices, batch_size=B)[:, None]  # (B|1, 1, T, S)
-    if bool(allowed.all()):  # nothing masked (a decode step without key selection): skip both fills
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # (B, H, T, S)
+    decode_step = key_indices is None and T == 1 and not torch.compiler.is_compiling()  # (compiled: masks fuse)
+    if decode_step and int(query_pos.reshape(-1)[-1]) == S - 1:
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # one decode step: every key allowed
     else:
+        allowed = allowed_keys(query_pos, S, key_indices, batch_size=B)[:, None]  # (B|1, 1, T, S)
         logits = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
         # an all-masked row becomes uniform here and is zeroed by the second fill: no NaN, no gradient
         probs = torch.softmax(logits, dim=-1).masked_fill(~allowed, 0.0).to(values.dtype)  # (B, H, T, S)
@@ -170,7 +200,7 @@ def attention_core(scores: torch.Tensor, values: torch.Tensor, query_pos: torch.
         out = torch.einsum("bhts,bsv->bthv", probs, values)  # (B, T, H, V)
     else:
         out = torch.einsum("bhts,bshv->bthv", probs, values)  # (B, T, H, V)
-    return (out, probs) if return_probs else out
+    return out, (probs if return_probs else None)
 
 
 class MLA(nn.Module):
@@ -228,45 +258,54 @@ class MLA(nn.Module):
 
         return {"q_b_proj.weight": per_head(N, P, split_q_rope), "kv_b_proj.weight": per_head(N, V, split_kv)}
 
-    def select_keys(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
-                    cache: MLACache | None) -> torch.Tensor | None:
-        """Hook for sparse attention: (B, T, K) key positions per query, or None for dense attention.
-        Called by forward before the new tokens enter the cache (cache.length is still the old length)."""
-        return None
-
     # --- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: MLACache | None = None,
-                absorbed: bool = False, key_indices: torch.Tensor | None = None, return_probs: bool = False):
-        """x (B, T, D) -> (B, T, D); with ``return_probs`` also the attention probabilities (B, H, T, S).
+                absorbed: bool = False, key_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). Arguments as ``attend``."""
+        return self.attend(x, positions, cache, absorbed, key_indices).out
+
+    def attend(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: MLACache | None = None,
+               absorbed: bool = False, key_indices: torch.Tensor | None = None, *, c_q: torch.Tensor | None = None,
+               return_probs: bool = False, sparse_impl: str = "masked", use_triton: bool = False) -> AttentionOutput:
+        """Attention of the T new tokens over the cached prefix and themselves.
 
         positions: (T,) or (B, T) absolute positions; default cache.length + arange(T) (0 + arange without a
         cache). cache: the layer's MLACache; the T new tokens are appended, then attended with the prefix.
         absorbed: False = expanded path (keys/values per head); True = absorbed path (attend over latents).
-        key_indices: (B, T, K) absolute key positions each query may attend to (-1 = padding); when None,
-        ``select_keys`` decides (always None, i.e. dense, in MLA; the DSA subclass runs its indexer there).
+        key_indices: (B, T, K) absolute key positions each query may attend to (-1 = padding), or None (all
+        causal keys). c_q: the query latent q_latent(x) when the caller already computed it (DSA's indexer
+        reads it too). return_probs: also return the probabilities (B, H, T, S). sparse_impl: how the absorbed
+        path runs key_indices: "masked" (a set: repeats are harmless) or "gathered" (each query's indices must be
+        distinct, as DSA's top-k is). use_triton: the gathered path's Triton kernel where it can run.
+        A refused call (bad shapes, positions, selection or a full cache) changes nothing in the cache.
         """
-        B, T = self._check_input(x, cache)
+        B, T = self.check_input(x, cache)
+        if sparse_impl not in SPARSE_IMPLS:
+            raise ValueError(f"sparse_impl: expected one of {SPARSE_IMPLS}, got {sparse_impl!r}")
         start = cache.length if cache is not None else 0
-        positions = self._check_positions(positions, B, T, start, cache, x.device)  # (B|1, T)
-        c_q = self.q_latent(x)  # (B, T, R)
-        if key_indices is None:
-            key_indices = self.select_keys(x, c_q, positions, cache)  # None here; DSA's indexer in dsa.py
+        positions = self.resolve_positions(positions, B, T, cache, x.device)  # (B|1, T)
         query_pos = torch.arange(start, start + T, device=x.device)  # (T,): each query's own key slot
-        if key_indices is not None:  # checked before the cache is touched: a refused call changes nothing
+        if key_indices is not None:  # checked before the cache is touched
             check_key_indices(key_indices, query_pos, B)
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"cache: overflow, length {start} + {T} new tokens > max_len {cache.max_len}")
+        c_q = self.q_latent(x) if c_q is None else c_q  # (B, T, R)
         q_nope, q_rope = self.project_q(c_q, positions)  # (B, T, H, N), (B, T, H, P)
         latent, k_rope = self.project_kv_latent(x, positions)  # (B, T, C), (B, T, P)
         if cache is not None:
             latent, k_rope = cache.append(latent, k_rope, start)  # (B, S, C), (B, S, P), S = start + T
             latent, k_rope = latent.to(x.dtype), k_rope.to(x.dtype)
-        attend = self.attend_absorbed if absorbed else self.attend_expanded
-        out = attend(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)  # (B, T, H, V)
-        out, probs = out if return_probs else (out, None)
+        if not absorbed:
+            out, probs = self.attend_expanded(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)
+        elif key_indices is not None and sparse_impl == "gathered":
+            out, probs = self.attend_gathered(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs,
+                                              use_triton)
+        else:
+            out, probs = self.attend_absorbed(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)
         out = self.o_proj(rearrange(out, "b t h v -> b t (h v)"))  # (B, T, D)
-        return (out, probs) if return_probs else out
+        return AttentionOutput(out=out, probs=probs, key_indices=key_indices)
 
+    # --- the three paths: each returns (out (B, T, H, V), probs (B, H, T, S) or None) -----------------------
     def attend_expanded(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False):
         """The textbook path: expand every key and value per head, concatenate nope and rope parts."""
         kv = rearrange(self.kv_b_proj(latent), "b s (h f) -> b s h f", h=self.num_heads)  # (B, S, H, N + V)
@@ -280,16 +319,42 @@ class MLA(nn.Module):
     def attend_absorbed(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False):
         """Fold W^UK into the query and W^UV into the output; keys and values stay 576-d / 512-d latents."""
         w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C): (W^UK)^T q^C
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope * self.scale, w_uk)  # (B, T, H, C): (W^UK)^T q^C, scaled
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent)
-                  + torch.einsum("bthp,bsp->bhts", q_rope, k_rope)) * self.scale  # (B, H, T, S)
-        o_lat = attention_core(scores, latent, query_pos, key_indices, return_probs)  # (B, T, H, C): values = latents
-        o_lat, probs = o_lat if return_probs else (o_lat, None)
-        out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V): W^UV applied after the sum
-        return (out, probs) if return_probs else out
+                  + torch.einsum("bthp,bsp->bhts", q_rope * self.scale, k_rope))  # (B, H, T, S)
+        o_lat, probs = attention_core(scores, latent, query_pos, key_indices, return_probs)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv), probs  # (B, T, H, V): W^UV applied after the sum
+
+    def attend_gathered(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False,
+                        use_triton=False):
+        """Absorbed attention over the K selected latents only: the cost is independent of the context S."""
+        B, T, K = key_indices.shape
+        S = latent.shape[1]
+        idx = check_key_indices(key_indices, query_pos, B)  # (B, T, K) int64, -1 = padding
+        w_uk, w_uv = self.absorbed_weights()  # (H, N, C), (H, V, C)
+        if use_triton and not return_probs and triton_usable(q_nope, q_rope, latent, k_rope, self.kv_b_proj.weight):
+            from glm5_kernels.sparse_mla import absorbed_sparse_attention  # lazy: never at module load
+            return absorbed_sparse_attention(q_nope, q_rope, latent, k_rope, idx, w_uk, w_uv, self.scale), None
+        valid = idx >= 0  # (B, T, K)
+        rows = torch.arange(B, device=idx.device)[:, None, None]  # (B, 1, 1)
+        lat = latent[rows, idx.clamp_min(0)]  # (B, T, K, C): each query's selected latents
+        kr = k_rope[rows, idx.clamp_min(0)]  # (B, T, K, P)
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope * self.scale, w_uk)  # (B, T, H, C), scale folded in
+        scores = (torch.einsum("bthc,btkc->bhtk", q_lat, lat)
+                  + torch.einsum("bthp,btkp->bhtk", q_rope * self.scale, kr))  # (B, H, T, K)
+        logits = scores.float().masked_fill(~valid[:, None], torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1).masked_fill(~valid[:, None], 0.0)  # (B, H, T, K)
+        o_lat = torch.einsum("bhtk,btkc->bthc", probs.to(lat.dtype), lat)  # (B, T, H, C)
+        out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+        if not return_probs:
+            return out, None
+        full = probs.new_zeros(B, probs.shape[1], T, S + 1)  # (B, H, T, S + 1): padding -> the extra column
+        slot = torch.where(valid, idx, S)[:, None].expand(-1, probs.shape[1], -1, -1)  # (B, H, T, K)
+        return out, full.scatter_add(-1, slot, probs)[..., :S]  # probabilities scattered back to key positions
 
     # --- argument checks --------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor, cache: MLACache | None) -> tuple[int, int]:
+    def check_input(self, x: torch.Tensor, cache: MLACache | None) -> tuple[int, int]:
+        """x must be (B, T, hidden) floating with T >= 1, and the cache must fit it; returns (B, T)."""
         D = self.config.hidden_size
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D or x.shape[1] < 1:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -303,22 +368,28 @@ class MLA(nn.Module):
                 raise ValueError(f"cache: expected (batch, kv_lora_rank, rope_dim) = {expected}, got {got}")
         return x.shape[0], x.shape[1]
 
-    def _check_positions(self, positions, B, T, start, cache, device) -> torch.Tensor:
-        expected = torch.arange(start, start + T, device=device)  # (T,)
-        if positions is None:
-            positions = expected[None]  # (1, T)
-        else:
-            if (not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex()
-                    or positions.dtype == torch.bool):
-                raise ValueError(f"positions: expected an integer tensor, got {getattr(positions, 'dtype', positions)}")
-            if positions.dim() == 1:
-                positions = positions[None]  # (1, T)
-            if positions.dim() != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
-                raise ValueError(f"positions: expected shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
-            if cache is not None and not bool((positions == expected).all()):
-                raise ValueError(f"positions: with a cache of length {start} the {T} new tokens must be at "
-                                 f"positions {start}..{start + T - 1}, got first positions {positions[:, 0].tolist()}")
+    def resolve_positions(self, positions, B: int, T: int, cache: MLACache | None, device) -> torch.Tensor:
+        """Checked positions (B|1, T): the given ones, or cache.length + arange(T) by default."""
+        start = cache.length if cache is not None else 0
         limit = self.config.max_position_embeddings
+        if positions is None:  # the default needs no check on tensor values (no device sync)
+            if start + T > limit:
+                raise ValueError(f"positions: expected values in [0, max_position_embeddings = {limit}), got "
+                                 f"[{start}, {start + T - 1}]")
+            return torch.arange(start, start + T, device=device)[None]  # (1, T)
+        if (not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex()
+                or positions.dtype == torch.bool):
+            raise ValueError(f"positions: expected an integer tensor, got {getattr(positions, 'dtype', positions)}")
+        if positions.dim() == 1:
+            positions = positions[None]  # (1, T)
+        if positions.dim() != 2 or positions.shape[1] != T or positions.shape[0] not in (1, B):
+            raise ValueError(f"positions: expected shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
+        if torch.compiler.is_compiling():  # value checks: eager only (each one syncs and breaks the graph)
+            return positions
+        expected = torch.arange(start, start + T, device=device)  # (T,)
+        if cache is not None and not bool((positions == expected).all()):
+            raise ValueError(f"positions: with a cache of length {start} the {T} new tokens must be at "
+                             f"positions {start}..{start + T - 1}, got first positions {positions[:, 0].tolist()}")
         if int(positions.min()) < 0 or int(positions.max()) >= limit:
             raise ValueError(f"positions: expected values in [0, max_position_embeddings = {limit}), got "
                              f"[{int(positions.min())}, {int(positions.max())}]")

@@ -15,8 +15,10 @@ Choices
       + the MoE sequence-wise balance losses (alpha = config.aux_loss_alpha_seq, summed over MoE layers)
       + the indexer KL (mean over layers) when ``indexer_loss=True``. Each part is also returned alone.
     * ``hidden_states`` is the last layer's output BEFORE the final norm (what the MTP module reads).
-    * Decoding runs the absorbed MLA path over the latent cache (``absorbed=None`` means: absorbed iff a
-      cache is given); the full forward runs the expanded path. Both compute the same function (tested).
+    * How the model computes (absorbed or expanded MLA, sparse or dense DSA, grouped or loop MoE, Triton, FP8)
+      is one ``Execution`` (execution.py), held in ``model.execution`` and changed with ``set_execution``; by
+      default decoding runs the absorbed MLA path over the latent cache and the full forward the expanded
+      path. Both compute the same function (tested).
     * ``generate`` samples with a torch.Generator seeded by ``seed``, so a seed fixes the output.
     * With ``config.num_nextn_predict_layers = 1`` the model owns the MTP layer (mtp.py) as ``self.mtp``;
       ``hf_state_dict()`` names it model.layers.{num_hidden_layers}.* as the checkpoint does. With labels,
@@ -36,11 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5_ref.block import DecoderLayer
 from glm5_ref.config import GLM5Config
-from glm5_ref.dsa import DSAAttention, DSACache
-from glm5_ref.layers import RMSNorm, SwiGLU
+from glm5_ref.dsa import DSACache
+from glm5_ref.execution import DEFAULT, Execution
+from glm5_ref.hf_io import iter_checkpoint_tensors, save_checkpoint
+from glm5_ref.layers import RMSNorm
 from glm5_ref.moe import MoE, update_router_bias
 from glm5_ref.mtp import MTPLayer, mtp_losses
+from glm5_ref.sampling import check_sampling, new_generator, pad_after_stop, sample_token
 
 
 @dataclass
@@ -77,34 +83,6 @@ class GLM5Cache:
             layer.truncate(new_length)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: GLM5Config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = DSAAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x, positions=None, cache=None, absorbed=False, indexer_loss=False, moe_impl="grouped"):
-        """(B, T, D) -> (B, T, D), indexer KL or None, MoEAux or None."""
-        h = self.input_layernorm(x)
-        kl = None
-        if indexer_loss:
-            h, kl = self.self_attn(h, positions, cache, absorbed, indexer_loss=True)
-        else:
-            h = self.self_attn(h, positions, cache, absorbed)
-        x = x + h
-        h = self.post_attention_layernorm(x)
-        aux = None
-        if self.is_moe:
-            h, aux = self.mlp(h, impl=moe_impl, return_aux=True)
-        else:
-            h = self.mlp(h)
-        return x + h, kl, aux
-
-
 class GLM5Model(nn.Module):
     def __init__(self, config: GLM5Config):
         super().__init__()
@@ -122,7 +100,17 @@ class GLM5ForCausalLM(nn.Module):
         self.model = GLM5Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTPLayer(config) if config.num_nextn_predict_layers else None  # multi-token prediction
+        self.execution = DEFAULT  # how forward computes (execution.py); change it with set_execution
         self._init_weights()
+
+    def set_execution(self, execution: Execution | None = None, **changes) -> Execution:
+        """Set how this model computes: a whole ``Execution``, or some of its fields (``sparse=False``,
+        ``moe_impl="loop"`` ...). The one place execution choices change for a model; returns the new one."""
+        base = self.execution if execution is None else execution
+        if not isinstance(base, Execution):
+            raise TypeError(f"execution: expected an Execution, got {type(base).__name__}")
+        self.execution = base.replace(**changes)
+        return self.execution
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -134,19 +122,17 @@ class GLM5ForCausalLM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: GLM5Cache | None = None,
-                absorbed: bool | None = None, indexer_loss: bool = False, moe_impl: str = "grouped",
-                mtp_depths: int | None = None) -> GLM5Output:
+                indexer_loss: bool = False, mtp_depths: int | None = None,
+                execution: Execution | None = None) -> GLM5Output:
         """Logits (and, with labels, the losses). ``mtp_depths``: MTP depths to train (default
-        config.num_mtp_depths when the model has an MTP layer; 0 = none)."""
+        config.num_mtp_depths when the model has an MTP layer; 0 = none). ``execution``: how to compute
+        (execution.py); default ``self.execution``, which ``set_execution`` changes for the whole model."""
+        ex = self.execution if execution is None else execution
         B, T = self._check_ids(input_ids, cache)
-        absorbed = cache is not None if absorbed is None else absorbed
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
         kls, auxes = [], []
-        for i, layer in enumerate(self.model.layers):
-            x, kl, aux = layer(x, positions, cache.layers[i] if cache is not None else None, absorbed,
-                               indexer_loss, moe_impl)
+        for i, layer in enumerate(self.model.layers):  # positions: cache length + 0 .. T-1 (each layer's default)
+            x, kl, aux = layer(x, None, cache.layers[i] if cache is not None else None, ex, indexer_loss)
             kls += [kl] if kl is not None else []
             auxes += [aux] if aux is not None else []
         normed = self.model.norm(x)  # (B, T, D)
@@ -161,7 +147,7 @@ class GLM5ForCausalLM(nn.Module):
             depths = self.config.num_mtp_depths if mtp_depths is None else mtp_depths
             if self.mtp is not None and depths > 0 and T > 2:
                 ce, balance, mtp_kls, load = mtp_losses(self.mtp, self.model.embed_tokens, self.lm_head, normed,
-                                                        labels, min(depths, T - 2), indexer_loss)
+                                                        labels, min(depths, T - 2), indexer_loss, ex)
                 out.mtp_losses = ce
                 out.mtp_loss = self.config.mtp_loss_weight / len(ce) * torch.stack(ce).sum()
                 out.balance_loss = out.balance_loss + balance
@@ -196,7 +182,8 @@ class GLM5ForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected shape (B, T) with T >= 1, got {shape}")
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+        if input_ids.numel() and not torch.compiler.is_compiling() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
             raise ValueError(f"input_ids: expected token ids in [0, vocab_size = {V}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         start = cache.length if cache is not None else 0
@@ -215,51 +202,33 @@ class GLM5ForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  stop_tokens: list[int] | None = None, seed: int | None = None, use_cache: bool = True,
-                 return_logprobs: bool = False, draft_steps: int = 0, return_stats: bool = False):
-        """Greedy at temperature 0, else sampling (temperature, nucleus top_p) with a seeded generator.
-        Returns ids (B, T + new); with return_logprobs also (B, new) log-probabilities of the emitted tokens
-        under the distribution they were drawn from. A sequence that emitted a stop token repeats it.
-        ``draft_steps`` > 0: speculative decoding with the MTP layer (speculative.py; batch 1); with
-        ``return_stats`` the result is (ids, SpecStats)."""
-        if isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 0:
-            raise ValueError(f"draft_steps: expected an integer >= 0, got {draft_steps!r}")
-        if draft_steps:
-            from glm5_ref.speculative import speculative_generate
-
-            if return_logprobs or not use_cache:
-                raise ValueError("draft_steps: speculative decoding needs use_cache=True and return_logprobs=False")
-            ids, stats = speculative_generate(self, input_ids, max_new_tokens, draft_steps, temperature, top_p,
-                                              stop_tokens, seed)
-            return (ids, stats) if return_stats else ids
+                 return_logprobs: bool = False):
+        """Greedy at temperature 0, else sampling (temperature, nucleus top_p) with a seeded generator
+        (sampling.py). Returns ids (B, T + new); with return_logprobs also (B, new) log-probabilities of the
+        emitted tokens under the distribution they were drawn from. A sequence that emitted a stop token repeats
+        it. Speculative decoding with the MTP layer: speculative.speculative_generate(model, ...)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, got "
-                             f"{temperature}, {top_p}")
+        check_sampling(temperature, top_p)
         B, T = self._check_ids(input_ids, None)
-        gen = torch.Generator(device=input_ids.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        gen = new_generator(seed, input_ids.device)
         stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
         cache = self.new_cache(B, T + max_new_tokens) if use_cache and max_new_tokens else None
         ids, logprobs = input_ids, []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = None
         for step in range(max_new_tokens):
-            if cache is not None:
-                logits = self(ids if step == 0 else ids[:, -1:], cache=cache).logits[:, -1]  # (B, V)
-            else:
-                logits = self(ids).logits[:, -1]
+            step_ids = ids if cache is None or step == 0 else ids[:, -1:]
+            logits = self(step_ids, cache=cache).logits[:, -1]  # (B, V)
             token, logprob = sample_token(logits, temperature, top_p, gen)  # (B,), (B,)
-            if stop.numel():
-                token = torch.where(done, ids[:, -1], token)
-                done = done | torch.isin(token, stop)
+            logprob = torch.where(done, torch.zeros_like(logprob), logprob)  # after a stop: nothing drawn
             ids = torch.cat([ids, token[:, None]], dim=1)
             logprobs.append(logprob)
-            if stop.numel() and bool(done.all()):
-                pad = max_new_tokens - step - 1  # every sequence stopped: fill the rest with its stop token
-                ids = torch.cat([ids, ids[:, -1:].expand(B, pad)], dim=1)
-                logprobs += [torch.zeros_like(logprob)] * pad
-                break
+            if stop.numel():
+                done = done | torch.isin(token, stop)
+                if bool(done.all()):  # every sequence stopped: the rest is its stop token
+                    logprobs += [torch.zeros_like(logprob)] * (max_new_tokens - step - 1)
+                    break
+        ids = pad_after_stop(ids, T, stop_tokens, T + max_new_tokens)
         if return_logprobs:
             return ids, (torch.stack(logprobs, 1) if logprobs else ids.new_zeros(B, 0, dtype=torch.float32))
         return ids
@@ -297,6 +266,10 @@ class GLM5ForCausalLM(nn.Module):
         problems = [f"{what} ({len(names)}): {names[:20]}{' ...' if len(names) > 20 else ''}"
                     for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
                     if names and (strict or what == "shape mismatch")]
+        if problems and strict and missing and all(k.startswith("mtp.") for k in missing):
+            problems.append("every missing tensor belongs to the MTP layer: the checkpoint has none (transformers "
+                            "writes GLM-5 without it). Load it with strict=False (the MTP layer keeps its random "
+                            "initialisation) or build the model with num_nextn_predict_layers=0")
         if problems:
             raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
         on_meta = any(p.device.type == "meta" for p in own.values())
@@ -307,16 +280,12 @@ class GLM5ForCausalLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
         """config.json + sharded safetensors + index, written atomically (hf_io.save_checkpoint)."""
-        from glm5_ref.hf_io import save_checkpoint
-
         save_checkpoint(directory, self.hf_state_dict(), self.config.to_hf(), max_shard_bytes=max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
                         strict: bool = True) -> "GLM5ForCausalLM":
         """Read config.json, build the model on the meta device, then take the tensors shard by shard."""
-        from glm5_ref.hf_io import iter_checkpoint_tensors
-
         config = GLM5Config.from_hf(directory)
         with torch.device("meta"):
             model = cls(config)
@@ -328,27 +297,3 @@ class GLM5ForCausalLM(nn.Module):
         if leftover:
             raise ValueError(f"checkpoint {os.fspath(directory)} left tensors unset: {leftover[:20]}")
         return model
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / T)
-    restricted to the smallest set of tokens whose probability reaches top_p. Returns (token, its logprob)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-    if temperature == 0:
-        token = logits.argmax(-1)
-        return token, logp.gather(-1, token[:, None])[:, 0]
-    probs = nucleus_probs(logits, temperature, top_p)  # (B, V)
-    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return token, torch.log(probs.gather(-1, token[:, None])[:, 0])
-
-
-def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """softmax(logits / temperature), zeroed outside the top-p nucleus and renormalised: (B, V) fp32."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is below top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs

@@ -55,7 +55,7 @@ from einops import rearrange
 from torch import nn
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.layers import SwiGLU, triton_usable
+from glm5_ref.layers import SwiGLU, grouped_mm, grouped_mm_supported, triton_usable
 
 IMPLS = ("grouped", "loop")
 
@@ -145,23 +145,6 @@ class _PackedView(torch.autograd.Function):
         return (None, *grad.reshape(-1, *ctx.piece_shape).unbind(0))
 
 
-def _grouped_mm_fn():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
-    """Can torch's grouped GEMM run here? fp32/bf16/fp16 on CPU (bf16 only on GPU), and every row stride
-    (width * element size) a multiple of 16 bytes. Otherwise MoE falls back to a loop over the segments."""
-    if _grouped_mm_fn() is None:
-        return False
-    if device.type == "cpu":
-        ok_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    else:
-        ok_dtype = dtype == torch.bfloat16
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return ok_dtype and all(w * itemsize % 16 == 0 for w in widths)
-
-
 class MoE(nn.Module):
     """Routed experts + shared expert. Checkpoint names (under mlp.): gate.weight, gate.e_score_correction_bias,
     experts.{e}.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight."""
@@ -177,7 +160,6 @@ class MoE(nn.Module):
             if not name.startswith("gate.") and p.device.type != "meta":  # meta: shapes only, nothing to fill
                 nn.init.normal_(p, std=config.initializer_range)  # as transformers initialises GLM-5
         self._pack_experts()
-        self.use_triton = False  # opt-in: routed experts through kernels.moe_gemm where it can run (inference)
 
     # ---- packed expert storage ------------------------------------------------------------------------
     def _expert_params(self) -> list[torch.Tensor]:
@@ -198,7 +180,11 @@ class MoE(nn.Module):
         self._packed_addresses = [p.data_ptr() for p in self._expert_params()]
 
     def packed_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate|up (E, 2I, d) and down (E, d, I), differentiable views of the experts' own parameters."""
+        """gate|up (E, 2I, d) and down (E, d, I), differentiable views of the experts' own parameters.
+        Under torch.compile they are stacked instead (a copy the compiler can trace; data_ptr() cannot be)."""
+        if torch.compiler.is_compiling():
+            return (torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]),
+                    torch.stack([e.down_proj.weight for e in self.experts]))
         if [p.data_ptr() for p in self._expert_params()] != self._packed_addresses:
             self._pack_experts()  # a parameter was replaced (.to(), assign=True, deepcopy ...): re-pack once
         if not torch.is_grad_enabled():  # inference: no gradient to route back, skip the autograd views
@@ -208,8 +194,9 @@ class MoE(nn.Module):
                 _PackedView.apply(self._packed[1], *(e.down_proj.weight for e in self.experts)))
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, impl: str = "grouped", return_aux: bool = False):
-        """x (B, T, d) -> y (B, T, d), or (y, MoEAux) with return_aux."""
+    def forward(self, x: torch.Tensor, impl: str = "grouped", return_aux: bool = False, use_triton: bool = False):
+        """x (B, T, d) -> y (B, T, d), or (y, MoEAux) with return_aux. ``use_triton``: the routed experts through
+        the grouped GEMM kernel (glm5_kernels.moe_gemm) where it can run (inference)."""
         if impl not in IMPLS:
             raise ValueError(f"MoE impl: expected one of {IMPLS}, got {impl!r}")
         if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
@@ -220,7 +207,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         h = x.reshape(B * T, d)  # (N, d)
         topk_idx, topk_weight, scores = self.gate(h)  # (N, K), (N, K), (N, E)
-        y = self.expert_outputs(h, topk_idx, topk_weight, impl)  # (N, d)
+        y = self.expert_outputs(h, topk_idx, topk_weight, impl, use_triton)  # (N, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         y = y.reshape(B, T, d)
@@ -231,20 +218,22 @@ class MoE(nn.Module):
         aux = MoEAux(
             topk_idx=topk_idx.reshape(B, T, K), topk_weight=topk_weight.reshape(B, T, K),
             scores=scores.reshape(B, T, E),
-            tokens_per_expert=torch.bincount(topk_idx.flatten(), minlength=E),
+            tokens_per_expert=expert_counts(topk_idx, E),
             balance_loss=balance_loss(scores.reshape(B, T, E), topk_idx.reshape(B, T, K), E, K,
                                       c.aux_loss_alpha_seq),
         )
         return y, aux
 
     def expert_outputs(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                       impl: str = "grouped") -> torch.Tensor:
+                       impl: str = "grouped", use_triton: bool = False) -> torch.Tensor:
         """The routed experts alone: y_t = sum_k topk_weight[t, k] FFN_{topk_idx[t, k]}(h_t), h (N, d) -> (N, d).
         The public entry point of the expert computation (distributed/expert_parallel.py runs its local experts
         through it); indices refer to ``self.experts``."""
         if impl not in IMPLS:
             raise ValueError(f"MoE impl: expected one of {IMPLS}, got {impl!r}")
-        return (self._experts_loop if impl == "loop" else self._experts_grouped)(h, topk_idx, topk_weight)
+        if impl == "loop":
+            return self._experts_loop(h, topk_idx, topk_weight)
+        return self._experts_grouped(h, topk_idx, topk_weight, use_triton)
 
     def _experts_loop(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """The readable twin: one expert at a time, skipping experts that got no token."""
@@ -258,7 +247,8 @@ class MoE(nn.Module):
             y.index_add_(0, tok, out.to(h.dtype))
         return y
 
-    def _experts_grouped(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    def _experts_grouped(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                         use_triton: bool = False) -> torch.Tensor:
         """Sort token-slots by expert, one grouped GEMM per projection, unsort with index_add."""
         N, K = topk_idx.shape
         if N == 0:
@@ -267,8 +257,8 @@ class MoE(nn.Module):
         xs = h[token_of_slot]  # (S, d): permute, contiguous segment per expert
         w = topk_weight.reshape(-1)[order, None]  # (S, 1) fp32 gate weight of each sorted slot
         I = self.config.moe_intermediate_size
-        if self.use_triton and triton_usable(h, self.experts[0].down_proj.weight):
-            from kernels.moe_gemm import moe_experts  # lazy: glm5_ref never imports triton at module level
+        if use_triton and triton_usable(h, self.experts[0].down_proj.weight):
+            from glm5_kernels.moe_gemm import moe_experts  # lazy: glm5_ref never imports triton at module level
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
             offs = counts.cumsum(0).to(torch.int32)  # (E,)
             ys = moe_experts(xs.contiguous(), gate_up, down, offs, w.reshape(-1).contiguous())  # (S, d)
@@ -276,9 +266,9 @@ class MoE(nn.Module):
         if grouped_mm_supported(h.dtype, h.device, h.shape[1], I):
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's segment
-            g, u = _grouped_mm_fn()(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (S, I) each
+            g, u = grouped_mm(xs, gate_up.transpose(1, 2), offs).chunk(2, dim=-1)  # (S, I) each
             # down_proj is linear, so the gate weight can scale its (S, I) input instead of its (S, d) output
-            ys = _grouped_mm_fn()((F.silu(g) * u * w).to(h.dtype), down.transpose(1, 2), offs=offs)  # (S, d)
+            ys = grouped_mm((F.silu(g) * u * w).to(h.dtype), down.transpose(1, 2), offs)  # (S, d)
         else:  # no usable grouped GEMM (e.g. fp64, unaligned widths): the same segments, one call each
             pieces, start = [], 0
             for e, n in enumerate(counts.tolist()):
@@ -294,7 +284,14 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     token_of_slot (S,) = order // K, counts (E,) token-slots per expert."""
     flat = topk_idx.reshape(-1)  # (S,)
     order = flat.argsort(stable=True)  # (S,)
-    return order, order // topk_idx.shape[1], torch.bincount(flat, minlength=n_experts)
+    return order, order // topk_idx.shape[1], expert_counts(flat, n_experts)
+
+
+def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64: how many token-slots chose each expert. A scatter-add into E counters rather than bincount,
+    whose output size depends on the values (which torch.compile cannot trace)."""
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_experts: int, k: int, alpha: float) -> torch.Tensor:

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5_ref.block import BlockOutput, DecoderLayer
 from glm5_ref.config import GLM5Config
+from glm5_ref.execution import DEFAULT, Execution
 from glm5_ref.layers import RMSNorm
 
 MTP_HIDDEN = "normed"  # h^0 = the main model's final-norm output (see the module docstring)
@@ -48,23 +50,21 @@ class MTPLayer(nn.Module):
 
     def __init__(self, config: GLM5Config):
         super().__init__()
-        from glm5_ref.model import DecoderLayer  # the same block as the main layers (model.py builds this module)
-
         d = config.hidden_size
         self.config = config
         self.enorm = RMSNorm(d, eps=config.rms_norm_eps)
         self.hnorm = RMSNorm(d, eps=config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
-        self.block = DecoderLayer(config, config.num_hidden_layers)
+        self.block = DecoderLayer(config, config.num_hidden_layers)  # the same block as the main layers
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(d, eps=config.rms_norm_eps)
 
-    def step(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, positions=None, cache=None, absorbed=False,
-             indexer_loss=False):
-        """One depth: h_prev (B, T, D) and the embeddings of the tokens one step ahead (B, T, D) -> h (B, T, D),
-        the block's indexer KL (or None) and its MoE aux (or None)."""
+    def step(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, positions=None, cache=None,
+             execution: Execution = DEFAULT, indexer_loss: bool = False) -> BlockOutput:
+        """One depth: h_prev (B, T, D) and the embeddings of the tokens one step ahead (B, T, D) -> BlockOutput
+        (h (B, T, D), the block's indexer KL or None, its MoE aux or None)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h_prev)], dim=-1))  # (B, T, D)
-        return self.block(x, positions, cache, absorbed, indexer_loss)
+        return self.block(x, positions, cache, execution, indexer_loss)
 
     def logits(self, h: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         return lm_head(self.shared_head.norm(h)).float()  # (B, T, V)
@@ -83,7 +83,7 @@ class MTPLayer(nn.Module):
 
 
 def mtp_losses(mtp: MTPLayer, embed: nn.Embedding, lm_head: nn.Linear, h0: torch.Tensor, labels: torch.Tensor,
-               depths: int, indexer_loss: bool = False):
+               depths: int, indexer_loss: bool = False, execution: Execution = DEFAULT):
     """Unroll the shared MTP layer over ``depths`` depths during training.
 
     h0 (B, T, D): the main model's normed output; labels (B, T): the token ids (-100 = ignore).
@@ -98,7 +98,7 @@ def mtp_losses(mtp: MTPLayer, embed: nn.Embedding, lm_head: nn.Linear, h0: torch
     for k in range(1, depths + 1):
         n = T - k  # positions this depth can read
         h, kl, aux = mtp.step(h[:, :n], embed(ids[:, k:k + n]), torch.arange(n, device=h0.device),
-                              indexer_loss=indexer_loss)
+                              execution=execution, indexer_loss=indexer_loss)
         logits = mtp.logits(h[:, :n - 1], lm_head)  # (B, n-1, V): position i predicts t_{i+k+1}
         ce.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k + 1:].reshape(-1),
                                   ignore_index=-100))

@@ -25,7 +25,8 @@ Muon Split (GLM-5 section 2.1)
     updates in the original row layout, so each head updates at its own scale. Here a parameter may carry
     row blocks [(start, stop), ...] that tile its rows; a parameter without blocks is plain Muon (one block).
     Modules declare their blocks with a method ``muon_blocks() -> {local parameter name: blocks}``; for MLA
-    ``MLA.muon_blocks`` (mla.py) gives the per-head blocks of q_b_proj and kv_b_proj. build_optimizer collects them (never from names alone).
+    ``MLA.muon_blocks`` (mla.py) gives the per-head blocks of q_b_proj and kv_b_proj. ``build_optimizer``
+    (training/optim.py: Muon for the hidden matrices, AdamW for the rest) collects them, never from names alone.
     Momentum buffers (``state``) and blocks (param groups) travel in state_dict(): resuming is exact.
 
 Choices where the papers are silent
@@ -37,9 +38,6 @@ Choices where the papers are silent
       path (bit-identical to torch.optim.Muon in bf16). A batched matmul may round differently from a single
       one, so a result can depend, in the last bits, on how many matrices share its shape, never on their values.
     * A non-finite gradient raises ValueError before any parameter or momentum changes (catch it to skip).
-    * build_optimizer: embeddings, the LM head (any module named lm_head, or names in ``adamw_names``) and
-      every parameter with fewer than 2 dims go to AdamW; 2-D embeddings/head decay, 1-D ones (norms,
-      biases) do not (nanoGPT's rule). Muon defaults to "match_rms_adamw" there, so one lr serves both.
 
 Matched to torch.optim.Muon (torch 2.13), which the tests use as the oracle: the argument names, meaning and
 defaults (lr 1e-3, wd 0.1, mu 0.95, Nesterov, eps 1e-7, 5 steps, adjust_lr_fn None = "original"; GLM uses
@@ -72,7 +70,7 @@ Blocks = list[tuple[int, int]]
 # ---------------------------------------------------------------------------------------------------------
 # Newton-Schulz
 def check_newton_schulz_args(G, steps, coefficients, dtype: torch.dtype | None) -> torch.dtype:
-    """Validate newton_schulz's arguments (here and in kernels.newton_schulz); returns the compute dtype
+    """Validate newton_schulz's arguments (here and in glm5_kernels.newton_schulz); returns the compute dtype
     (default: bf16 on CUDA, fp32 elsewhere)."""
     if not isinstance(G, torch.Tensor) or G.dim() < 2:
         raise ValueError(f"newton_schulz G: expected a matrix or a batch of matrices, got "
@@ -87,10 +85,10 @@ def check_newton_schulz_args(G, steps, coefficients, dtype: torch.dtype | None) 
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS, use_triton: bool = False) -> torch.Tensor:
     """Approximately orthogonalize G (..., m, n) -> U V^T, computed in ``dtype``; returns G's shape and dtype.
-    ``use_triton``: run the steps in kernels.newton_schulz (one-triangle X X^T) where it can run."""
+    ``use_triton``: run the steps in glm5_kernels.newton_schulz (one-triangle X X^T) where it can run."""
     dtype = check_newton_schulz_args(G, steps, coefficients, dtype)
     if use_triton and triton_usable(G, G.new_empty(0, dtype=dtype)):
-        from kernels.newton_schulz import newton_schulz as newton_schulz_triton  # lazy: no triton at module level
+        from glm5_kernels.newton_schulz import newton_schulz as newton_schulz_triton  # lazy: no triton at module level
         return newton_schulz_triton(G, steps, eps, dtype, coefficients)
     a, b, c = coefficients
     m, n = G.shape[-2:]
@@ -229,7 +227,7 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, split_scale=split_scale, blocks=None,
-                        use_triton=use_triton)  # use_triton: NS5 in kernels.newton_schulz where it can run
+                        use_triton=use_triton)  # use_triton: NS5 in glm5_kernels.newton_schulz where it can run
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -304,105 +302,3 @@ class Muon(torch.optim.Optimizer):
                 shape = (e - s, p.shape[1]) if g["split_scale"] == "block" else p.shape
                 p[s:e].add_(O, alpha=-lr * scale_factor(shape, g["adjust_lr_fn"]))
         return loss
-
-
-# ---------------------------------------------------------------------------------------------------------
-# one optimizer for a whole model
-class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepped as one. ``param_groups`` and ``state`` are live views of theirs (the same group
-    dicts), so torch.optim.lr_scheduler schedulers (LambdaLR, ...) drive every group. New groups go to a child:
-    ``.optimizers[name].add_param_group(...)``."""
-
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
-        self.optimizers = dict(optimizers)
-        super().__init__([{"params": []}], defaults={})  # sets up Optimizer's hooks; the groups are the children's
-
-    param_groups = property(lambda self: [g for o in self.optimizers.values() for g in o.param_groups],
-                            lambda self, value: None)  # Optimizer.__init__ assigns [], which we ignore
-    state = property(lambda self: {p: s for o in self.optimizers.values() for p, s in o.state.items()},
-                     lambda self, value: None)
-
-    def add_param_group(self, param_group: dict) -> None:
-        if param_group["params"]:
-            raise NotImplementedError("CombinedOptimizer.add_param_group: add the group to one of .optimizers")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
-        for o in self.optimizers.values():  # check everything before anything changes
-            _check_finite(o)
-        for o in self.optimizers.values():
-            o.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers.values():
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {name: o.state_dict() for name, o in self.optimizers.items()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != set(self.optimizers):
-            raise ValueError(f"CombinedOptimizer.load_state_dict: expected keys {sorted(self.optimizers)}, "
-                             f"got {sorted(state_dict)}")
-        for name, o in self.optimizers.items():
-            o.load_state_dict(state_dict[name])
-
-
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1,
-                    adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
-                    muon_kwargs: dict | None = None, adamw_names=(), verbose: bool = False) -> CombinedOptimizer:
-    """One optimizer for ``model``: "adamw" (everything AdamW), "muon" or "muon_split" (hidden matrices Muon)."""
-    if name not in ("adamw", "muon", "muon_split"):
-        raise ValueError(f"build_optimizer name: expected 'adamw', 'muon' or 'muon_split', got {name!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"build_optimizer lr: expected a number > 0, got {lr!r}")
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": [], "adamw_no_decay": []}
-    blocks: dict[str, Blocks] = {}
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        prefix = mname + "." if mname else ""
-        if name == "muon_split" and hasattr(module, "muon_blocks"):
-            blocks.update({prefix + k: v for k, v in module.muon_blocks().items()})
-        for pname, p in module.named_parameters(recurse=False):
-            full = prefix + pname
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            head = isinstance(module, nn.Embedding) or mname.split(".")[-1] == "lm_head" or full in adamw_names
-            if p.dim() < 2:
-                groups["adamw_no_decay"].append((full, p))
-            elif head or name == "adamw":
-                groups["adamw"].append((full, p))
-            elif p.dim() == 2:
-                groups["muon"].append((full, p))
-            else:
-                raise ValueError(f"build_optimizer: parameter {full} of shape {tuple(p.shape)} fits no group "
-                                 "(Muon takes 2-D matrices; list it in adamw_names to give it to AdamW)")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(seen) == len(trainable) == sum(len(v) for v in groups.values()), "a parameter in no group"
-    muon_names = {n for n, _ in groups["muon"]}
-    for full, b in blocks.items():
-        if full not in muon_names:
-            raise ValueError(f"build_optimizer: muon_blocks names {full!r}, which is not a Muon parameter "
-                             f"(Muon parameters: {sorted(muon_names)})")
-    if verbose:
-        w = max([len(n) for entries in groups.values() for n, _ in entries] + [9])
-        print(f"{'parameter':<{w}} {'shape':<16} {'group':<15} blocks")
-        for group, entries in groups.items():
-            for full, p in entries:
-                b = blocks.get(full)
-                desc = f"{len(b)} blocks of {sorted({e - s for s, e in b})} rows" if b else ""
-                print(f"{full:<{w}} {str(tuple(p.shape)):<16} {group:<15} {desc}")
-    optimizers: dict[str, torch.optim.Optimizer] = {}
-    if groups["muon"]:
-        kwargs = dict(adjust_lr_fn="match_rms_adamw") | (muon_kwargs or {})
-        optimizers["muon"] = Muon([{"params": groups["muon"],
-                                    "blocks": [blocks.get(n) for n, _ in groups["muon"]]}],
-                                  lr=lr, weight_decay=weight_decay, **kwargs)
-    adamw_groups = [{"params": groups[k], "weight_decay": wd}
-                    for k, wd in (("adamw", weight_decay), ("adamw_no_decay", 0.0)) if groups[k]]
-    if adamw_groups:
-        optimizers["adamw"] = torch.optim.AdamW(adamw_groups, lr=adamw_lr or lr, betas=adamw_betas)
-    return CombinedOptimizer(optimizers)

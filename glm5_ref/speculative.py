@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from glm5_ref.dsa import DSACache
-from glm5_ref.model import GLM5ForCausalLM, nucleus_probs
+from glm5_ref.model import GLM5ForCausalLM
+from glm5_ref.sampling import check_sampling, new_generator, nucleus_probs, pad_after_stop
 
 
 @dataclass
@@ -85,9 +86,11 @@ def speculative_generate(model: GLM5ForCausalLM, input_ids: torch.Tensor, max_ne
     if draft_steps > model.config.num_mtp_depths:
         warnings.warn(f"draft_steps = {draft_steps} exceeds the {model.config.num_mtp_depths} MTP depths trained; "
                       "the layer recurses further and acceptance drops", stacklevel=2)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_p)
     T0 = input_ids.shape[1]
-    gen = torch.Generator(device=input_ids.device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen = new_generator(seed, input_ids.device)
     stop = set(stop_tokens or [])
     p = model.lm_head.weight
     max_len = T0 + max_new_tokens + draft_steps + 1
@@ -98,6 +101,7 @@ def speculative_generate(model: GLM5ForCausalLM, input_ids: torch.Tensor, max_ne
                          f"max_len {cache.max_len}")
     mtp_cache = DSACache.for_config(model.config, 1, max_len, dtype=p.dtype, device=p.device)
     embed, mtp = model.model.embed_tokens, model.mtp
+    draft_ex = model.execution.replace(absorbed=True)  # the MTP layer decodes over its own latent cache
     stats = SpecStats(depth_tries=[0] * draft_steps, depth_accepts=[0] * draft_steps)
 
     out = model(input_ids, cache=cache)
@@ -109,15 +113,15 @@ def speculative_generate(model: GLM5ForCausalLM, input_ids: torch.Tensor, max_ne
         # 1. MTP catches up on the committed positions, then drafts recursively
         m = mtp_cache.length
         nxt = torch.tensor([seq[m + 1:P + 1]], device=input_ids.device)  # tokens one step ahead of m .. P-1
-        h, _, _ = mtp.step(hidden[:, -(P - m):], embed(nxt), cache=mtp_cache, absorbed=True)
+        h = mtp.step(hidden[:, -(P - m):], embed(nxt), cache=mtp_cache, execution=draft_ex).hidden
         drafts, q_dists = [], []
         for j in range(draft_steps):
             logits = mtp.logits(h[:, -1:], model.lm_head)[0, 0]  # (V,)
             q_dists.append(None if temperature == 0 else nucleus_probs(logits[None], temperature, top_p)[0])
             drafts.append(int(_pick(logits, temperature, top_p, gen)))
             if j + 1 < draft_steps:
-                h, _, _ = mtp.step(h[:, -1:], embed(torch.tensor([[drafts[-1]]], device=input_ids.device)),
-                                   cache=mtp_cache, absorbed=True)
+                h = mtp.step(h[:, -1:], embed(torch.tensor([[drafts[-1]]], device=input_ids.device)),
+                             cache=mtp_cache, execution=draft_ex).hidden
         mtp_cache.truncate(P)  # draft entries never stay
         # 2. one main forward verifies all drafts
         block = torch.tensor([[seq[-1]] + drafts], device=input_ids.device)  # (1, N + 1)
@@ -148,7 +152,5 @@ def speculative_generate(model: GLM5ForCausalLM, input_ids: torch.Tensor, max_ne
         seq.extend(emitted)
     seq = seq[:T0 + max_new_tokens]
     cache.truncate(min(cache.length, len(seq) - 1))  # the last round may have verified past the end
-    if stop and any(t in stop for t in seq[T0:]):
-        first = T0 + next(i for i, t in enumerate(seq[T0:]) if t in stop)
-        seq = seq[:first + 1] + [seq[first]] * (T0 + max_new_tokens - first - 1)  # as generate() pads
-    return torch.tensor([seq], device=input_ids.device), stats
+    ids = torch.tensor([seq], device=input_ids.device)
+    return pad_after_stop(ids, T0, stop_tokens, T0 + max_new_tokens), stats  # as generate() pads

@@ -200,3 +200,17 @@ def mask_after_drift(expected: list[int], actual: list[int], loss_mask: list[int
     if k is None:
         return list(loss_mask)
     return [m if i < k else 0 for i, m in enumerate(loss_mask)]
+
+
+def trajectories_to_batch(trajs: list[Trajectory], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trainer's view of N trajectories: (ids, rollout_logprobs, loss_mask), each (N, T) right-padded with
+    pad_id / 0 / 0. Right padding is invisible to a causal model's real tokens."""
+    T = max(len(t.ids) for t in trajs)
+    ids = torch.full((len(trajs), T), pad_id, dtype=torch.long)  # (N, T)
+    lps = torch.zeros(len(trajs), T)
+    mask = torch.zeros(len(trajs), T)
+    for i, t in enumerate(trajs):
+        n = len(t.ids)
+        ids[i, :n], lps[i, :n], mask[i, :n] = torch.tensor(t.ids), torch.tensor(t.logprobs), torch.tensor(
+            t.loss_mask, dtype=torch.float32)
+    return ids, lps, mask

@@ -1,4 +1,4 @@
-"""`python -m kernels.bench [--quick] [--out DIR] [--dry-run]`: the Triton kernels against their PyTorch twins.
+"""`python -m glm5_kernels.bench [--quick] [--out DIR] [--dry-run]`: the Triton kernels against their PyTorch twins.
 
 On a CUDA GPU: first the correctness checks (every kernel against its twin at small odd sizes), then the
 measured ceilings of the device (a bf16 torch.mm for TFLOP/s, a device copy for GB/s), then each kernel at GLM-5
@@ -50,10 +50,10 @@ def correctness_checks(device: str, dtypes=None) -> list[dict]:
     from glm5_ref.dsa import DSAAttention, Indexer, select_topk
     from glm5_ref.moe import MoE
     from glm5_ref.muon import newton_schulz as ns_twin
-    from kernels.indexer import indexer_scores, indexer_topk
-    from kernels.moe_gemm import grouped_gemm
-    from kernels.newton_schulz import newton_schulz, xxt
-    from kernels.sparse_mla import absorbed_sparse_attention, sparse_mla
+    from .indexer import indexer_scores, indexer_topk
+    from .moe_gemm import grouped_gemm
+    from .newton_schulz import newton_schulz, xxt
+    from .sparse_mla import absorbed_sparse_attention, sparse_mla
 
     if dtypes is None:
         dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
@@ -78,7 +78,7 @@ def correctness_checks(device: str, dtypes=None) -> list[dict]:
                          rel_err=_rel(sc, ref), ok=_rel(sc, ref) < tol))
         rows.append(dict(kernel="indexer_topk", shape=f"B{B} T{T} S{S} k{topk}", dtype=str(dt)[6:],
                          rel_err=0.0 if same else 1.0, ok=same))
-        # sparse MLA (absorbed, gathered) against DSAAttention.attend_gathered
+        # sparse MLA (absorbed, gathered) against MLA.attend_gathered
         m = DSAAttention(cfg).to(device=device, dtype=dt)
         H, N, P, C = m.num_heads, m.nope_dim, m.rope_dim, m.kv_lora_rank
         B, T, S, K = 2, 5, 23, 9
@@ -88,14 +88,14 @@ def correctness_checks(device: str, dtypes=None) -> list[dict]:
         args = (randn(B, T, H, N, dtype=dt), randn(B, T, H, P, dtype=dt), randn(B, S, C, dtype=dt),
                 randn(B, S, P, dtype=dt))
         with torch.no_grad():
-            ref = m.attend_gathered(*args, qpos, kidx)
+            ref = m.attend_gathered(*args, qpos, kidx)[0]
             w_uk, w_uv = m.absorbed_weights()
             out = absorbed_sparse_attention(*args, kidx, w_uk, w_uv, m.scale)
         rows.append(dict(kernel="sparse_mla_fwd", shape=f"B{B} T{T} H{H} S{S} K{K} D{C + P}", dtype=str(dt)[6:],
                          rel_err=_rel(out, ref), ok=_rel(out, ref) < tol))
         # its backward: gradients of the absorbed path against autograd through the twin
         leaves = [a.detach().requires_grad_() for a in args]
-        g_ref = torch.autograd.grad(m.attend_gathered(*leaves, qpos, kidx).float().square().sum(), leaves)
+        g_ref = torch.autograd.grad(m.attend_gathered(*leaves, qpos, kidx)[0].float().square().sum(), leaves)
         with torch.no_grad():
             qq = torch.cat([torch.einsum("bthn,hnc->bthc", leaves[0], w_uk), leaves[1]], -1)
             kvv = torch.cat([leaves[2], leaves[3]], -1)
@@ -122,9 +122,8 @@ def correctness_checks(device: str, dtypes=None) -> list[dict]:
         xm = randn(2, 7, 32, dtype=dt)
         with torch.no_grad():
             ref = moe(xm, impl="loop")
-            moe.use_triton = True
-            y = moe(xm)
-        rows.append(dict(kernel="moe_experts (MoE.use_triton)", shape=f"N14 d32 I16 E{moe_cfg.n_routed_experts}",
+            y = moe(xm, use_triton=True)
+        rows.append(dict(kernel="moe_experts (MoE(use_triton=True))", shape=f"N14 d32 I16 E{moe_cfg.n_routed_experts}",
                          dtype=str(dt)[6:], rel_err=_rel(y, ref), ok=_rel(y, ref) < tol))
         # X X^T and Newton-Schulz
         X = randn(37, 53, dtype=dt)
@@ -182,10 +181,10 @@ def gpu_rows(device: str, quick: bool, tiny: bool = False) -> list[dict]:
     from glm5_ref.dsa import select_topk
     from glm5_ref.muon import NS_COEFFICIENTS
     from glm5_ref.muon import newton_schulz as ns_twin
-    from kernels import indexer as kidx
-    from kernels import moe_gemm as kmoe
-    from kernels import newton_schulz as kns
-    from kernels import sparse_mla as kmla
+    from . import indexer as kidx
+    from . import moe_gemm as kmoe
+    from . import newton_schulz as kns
+    from . import sparse_mla as kmla
 
     t = _timer(device)
     dt = torch.bfloat16 if device == "cuda" else torch.float32
@@ -337,18 +336,25 @@ def gpu_rows(device: str, quick: bool, tiny: bool = False) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def format_table(rows: list[dict]) -> str:
+    """The rows as a plain-text table, one column per key seen (floats to 4 significant digits)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [keys] + cells)
+
+
 def run(quick: bool = False, out_dir: str | Path | None = None, dry_run: bool = False,
         timings: bool = True) -> list[dict]:
     """All rows (correctness, then timings on a GPU unless ``timings=False``); writes kernels_bench.json and .txt
     under out_dir."""
-    from glm5_ref.bench import format_table
-    from kernels._common import interpreter_ready, triton_available
+    from ._common import interpreter_ready, triton_available
 
     if not triton_available():
         rows = [dict(kernel="all", status="triton is not installed: nothing to check or time")]
     elif not interpreter_ready():
         rows = [dict(kernel="all", status="triton was imported before TRITON_INTERPRET=1 was set: the interpreter "
-                                          "cannot run the kernels; run `python -m kernels.bench` in a fresh process")]
+                                          "cannot run the kernels; run `python -m glm5_kernels.bench` in a fresh process")]
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         rows = [dict(section="correctness", **r) for r in correctness_checks(device)]
@@ -374,18 +380,16 @@ def run(quick: bool = False, out_dir: str | Path | None = None, dry_run: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m glm5_kernels.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller GPU shapes")
     p.add_argument("--out", default=None, help="directory for kernels_bench.json/.txt (default runs/kernels_bench)")
     p.add_argument("--dry-run", action="store_true", help="on CPU: also run the timing code at tiny shapes")
     args = p.parse_args(argv)
-    from glm5_ref.bench import format_table
-
     rows = run(quick=args.quick, out_dir=args.out, dry_run=args.dry_run)
     print(format_table(rows))
     bad = [r for r in rows if r.get("ok") is False]
     if not torch.cuda.is_available():
-        print("kernels.bench: timings need a CUDA GPU; correctness checks ran in the Triton interpreter"
+        print("glm5_kernels.bench: timings need a CUDA GPU; correctness checks ran in the Triton interpreter"
               f" ({'all passed' if not bad else f'{len(bad)} FAILED'}).")
     return 1 if bad else 0
 

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from triton.language.standard import _indicator, _log2
 
-from kernels._common import check_tensor, dot_precision, interpreting, next_pow2
+from ._common import check_tensor, dot_precision, interpreting, next_pow2
 
 
 @triton.jit

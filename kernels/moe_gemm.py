@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_tensor, dot_precision, interpreting, next_pow2
+from ._common import check_tensor, dot_precision, interpreting, next_pow2
 
 
 @triton.jit

@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from glm5_ref.muon import NS_COEFFICIENTS, check_newton_schulz_args  # the twin's constants and checks
-from kernels._common import check_tensor, dot_precision, interpreting, next_pow2
+from ._common import check_tensor, dot_precision, interpreting, next_pow2
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic (a, b, c), as the twin (a test holds them equal)
 
 
 
@@ -178,7 +179,13 @@ def ns5_step(X: torch.Tensor, a: float, b: float, c: float, **blocks) -> torch.T
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None,
                   coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
     """As ``glm5_ref.muon.newton_schulz`` (same arguments), with each step in the kernels above."""
-    dtype = check_newton_schulz_args(G, steps, coefficients, dtype)
+    if not isinstance(G, torch.Tensor) or G.dim() < 2:
+        raise ValueError(f"newton_schulz G: expected a matrix or a batch of matrices, got "
+                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or len(coefficients) != 3:
+        raise ValueError(f"newton_schulz: expected steps >= 0 and coefficients (a, b, c), got {steps!r}, "
+                         f"{coefficients!r}")
+    dtype = dtype if dtype is not None else (torch.bfloat16 if G.is_cuda else torch.float32)
     a, b, c = coefficients
     m, n = G.shape[-2:]
     X = G.to(dtype).reshape(-1, m, n)  # (N, m, n)

@@ -1,6 +1,6 @@
 """Sparse MLA attention forward in Triton: absorbed MLA over each query's top-k selected latents.
 
-Twin: ``glm5_ref.dsa.DSAAttention.attend_gathered`` (the query side W^UK absorption and the W^UV output
+Twin: ``glm5_ref.mla.MLA.attend_gathered`` (the query side W^UK absorption and the W^UV output
 projection stay in PyTorch; this kernel is the part between them). In FlashMLA's layout, with D = C + P
 (576 = 512 + 64 at GLM-5 dims) and the values being the first C = d_v dims of the same cached rows:
 
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_tensor, dot_precision, interpreting, next_pow2
+from ._common import check_tensor, dot_precision, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -191,7 +191,7 @@ def flops_bytes(B: int, T: int, H: int, K: int, D: int = 576, C: int = 512, elem
 def absorbed_sparse_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                               k_rope: torch.Tensor, key_indices: torch.Tensor, w_uk: torch.Tensor,
                               w_uv: torch.Tensor, scale: float) -> torch.Tensor:
-    """What ``DSAAttention.attend_gathered`` returns, (B, T, H, V), with the attention itself in the kernel:
+    """What ``MLA.attend_gathered`` (mla.py) returns, (B, T, H, V), with the attention itself in the kernel:
     q_nope (B, T, H, N), q_rope (B, T, H, P), latent (B, S, C), k_rope (B, S, P), key_indices (B, T, K),
     w_uk (H, N, C), w_uv (H, V, C). The absorption and output projection are PyTorch einsums, as in the twin;
     the latent cache is concatenated to FlashMLA's (B, S, C + P) rows here (a real cache would store them so).

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from glm5_ref.train import matched_dense_config, resolve_config, train  # noqa: E402
+from glm5_ref.training.options import matched_dense_config, resolve_config  # noqa: E402
+from glm5_ref.training.run import train  # noqa: E402
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:

@@ -12,8 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm5_ref.agentic import AsyncRLLoop, LoopConfig, _Group, rl_step, trajectories_to_batch
-from glm5_ref.tool_env import ASSISTANT, OBSERVATION, TOOL_CALL, ToolUseEnv, toy_config
+from glm5_ref.apps.agentic import AsyncRLLoop, LoopConfig, _Group, rl_step
+from glm5_ref.tito import trajectories_to_batch
+from glm5_ref.tokenizer import PAD_ID
+from glm5_ref.apps.tool_env import ASSISTANT, OBSERVATION, TOOL_CALL, ToolUseEnv, toy_config
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.tito import MODEL, PROMPT, Segment, Trajectory
 from glm5_ref.tokenizer import EOT_ID, encode
@@ -103,7 +105,7 @@ def test_rl_step_masks_environment_tokens(model):
     m = GLM5ForCausalLM(toy_config())
     m.load_state_dict(model.state_dict())
     trajs = [_traj("a", 0, 1.0), _traj("b", 0, 0.0)]
-    ids, lps, mask = trajectories_to_batch(trajs)
+    ids, lps, mask = trajectories_to_batch(trajs, PAD_ID)
     assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]] and lps[0, 2].item() == -0.5
     stats = rl_step(m, torch.optim.SGD(m.parameters(), lr=0.0), [trajs], "dis")
     assert stats["num_tokens"] == 4 and math.isfinite(stats["loss"])
@@ -178,7 +180,7 @@ def test_loop_config_validation(model):
 
 
 def test_rl_toy_quick_run_writes_its_json(tmp_path):
-    from glm5_ref.experiments import rl_toy
+    from glm5_ref.apps.experiments import rl_toy
 
     out = rl_toy.run(quick=True, out_dir=str(tmp_path), seeds=[0])
     saved = (tmp_path / "rl_toy.json")

@@ -1,4 +1,4 @@
-"""glm5_ref.data: the document split, the cache, the sampler's exact resume, bits per byte by hand."""
+"""glm5_ref.training.data: the document split, the cache, the sampler's exact resume, bits per byte by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glm5_ref import data
+from glm5_ref.training import data
 from glm5_ref.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
 

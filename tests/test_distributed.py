@@ -30,7 +30,7 @@ from glm5_ref.distributed import (DistributedMuon, ExpertParallelMoE, HashRing, 
                                   assign_units, build_distributed_optimizer, check_expert_split, launch, stable_hash)
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.moe import MoE, update_router_bias
-from glm5_ref.muon import build_optimizer
+from glm5_ref.training.optim import build_optimizer
 from tests.strategies import randn
 
 # every rank forks from one server that imported torch and this module once (spawn where there is no forkserver)

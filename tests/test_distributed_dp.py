@@ -18,11 +18,13 @@ import time
 import pytest
 import torch
 
-from glm5_ref import train as tr
+from glm5_ref.training import checkpoint as ckpt
+from glm5_ref.training import engine
+from glm5_ref.training import run as tr
 from glm5_ref.distributed import launch
 from glm5_ref.distributed.data_parallel import DataParallel
 from glm5_ref.model import GLM5ForCausalLM
-from glm5_ref.muon import build_optimizer
+from glm5_ref.training.optim import build_optimizer
 from tests.strategies import randn
 
 START = dict(start_method="forkserver", preload=[__name__]) if sys.platform != "win32" else {}
@@ -53,7 +55,7 @@ def fresh_model() -> GLM5ForCausalLM:
 def single_process(optimizer: str) -> dict:
     model = fresh_model()
     opt = build_optimizer(model, optimizer, 0.01)
-    norms = [tr.train_step(model, opt, batch)[2].item()  # MTP on (tiny has it): its MoE block is sharded too
+    norms = [engine.train_step(model, opt, batch)[2].item()  # MTP on (tiny has it): its MoE block is sharded too
              for batch in batches(model.config.vocab_size)]
     return {k: v.detach() for k, v in model.state_dict().items()}, norms
 
@@ -64,7 +66,7 @@ def dp_steps(dp: DataParallel, optimizer: str) -> dict:
     opt = dp.build_optimizer(model, optimizer, 0.01)
     losses, norms = [], []
     for batch in batches(model.config.vocab_size):
-        out, loss, norm = tr.train_step(model, opt, batch, data_parallel=dp)
+        out, loss, norm = engine.train_step(model, opt, batch, data_parallel=dp)
         losses.append(loss.item())
         norms.append(norm.item())
     full = dp.full_model(model)  # rank 0: every expert gathered; the others: None
@@ -96,7 +98,7 @@ def dp_worker(rank: int, world: int, tmp: str) -> dict:
         tr.train("tiny", os.path.join(tmp, "resumed"), data_parallel=dps[True], callback=stop_at_3, **RUN)
     except KeyboardInterrupt:
         pass
-    step_at_resume = tr.read_trainer_state(os.path.join(tmp, "resumed"))["step"]
+    step_at_resume = ckpt.read_trainer_state(os.path.join(tmp, "resumed"))["step"]
     resumed = tr.train("tiny", os.path.join(tmp, "resumed"), data_parallel=dps[True], resume=True, **RUN)
 
     # bad input: the same clear error on every rank, before any step
@@ -157,11 +159,11 @@ def test_dp_resume_ends_where_an_uninterrupted_run_does(job):
     b = GLM5ForCausalLM.from_pretrained(resumed.checkpoint).state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    steps_a = [r["loss"] for r in tr.read_log(job["tmp"] / "straight") if r["kind"] == "step"]
-    steps_b = [r["loss"] for r in tr.read_log(job["tmp"] / "resumed") if r["kind"] == "step"]
+    steps_a = [r["loss"] for r in ckpt.read_log(job["tmp"] / "straight") if r["kind"] == "step"]
+    steps_b = [r["loss"] for r in ckpt.read_log(job["tmp"] / "resumed") if r["kind"] == "step"]
     assert len(steps_a) == 4 and steps_a == steps_b
     assert straight.final_eval == resumed.final_eval == job["results"][1]["straight"].final_eval
-    state = torch.load(job["tmp"] / "resumed" / "checkpoint" / tr.STATE_FILE, weights_only=False)
+    state = torch.load(job["tmp"] / "resumed" / "checkpoint" / ckpt.STATE_FILE, weights_only=False)
     assert state["world_size"] == WORLD and state["expert_parallel"] and len(state["optimizer"]) == WORLD
     with pytest.raises(ValueError, match="2 data-parallel processes"):  # one process cannot resume it
         tr.train("tiny", job["tmp"] / "resumed", resume=True, **(RUN | dict(steps=5)))
@@ -187,9 +189,9 @@ def test_torchrun_trains_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
-    log = tr.read_log(tmp_path / "run")
+    log = ckpt.read_log(tmp_path / "run")
     assert [r["step"] for r in log if r["kind"] == "step"] == [1, 2]
-    assert tr.read_trainer_state(tmp_path / "run")["finished"]
+    assert ckpt.read_trainer_state(tmp_path / "run")["finished"]
     model = tr.load_model(tmp_path / "run")  # the full checkpoint, every expert, loads in one process
     assert len(model.model.layers[-1].mlp.experts) == model.config.n_routed_experts
 

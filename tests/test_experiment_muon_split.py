@@ -15,14 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.experiments import muon_split as ms
+from glm5_ref.apps import experiments
+from glm5_ref.apps.experiments import gqa as gqa_mod
+from glm5_ref.apps.experiments import muon_split as ms
 from glm5_ref.layers import apply_rope
 from glm5_ref.mla import MLA
-from glm5_ref.muon import build_optimizer
+from glm5_ref.training.engine import Trainer
+from glm5_ref.training.optim import build_optimizer
 from tests.strategies import batch_sizes, odd_lengths, randn, seeds
 
 
-def naive_mha(x, gqa: ms.GQA, k_w, v_w) -> torch.Tensor:
+def naive_mha(x, gqa: gqa_mod.GQA, k_w, v_w) -> torch.Tensor:
     """Multi-head attention head by head with an explicit causal mask; k_w, v_w hold one K/V head per query
     head (H * E, D) and (H * V, D)."""
     B, T, D = x.shape
@@ -55,7 +58,7 @@ def test_gqa_equals_naive_attention(seed, B, T, H, nope, rope, data):
         nope = 2
     G = data.draw(st.sampled_from([g for g in range(1, H + 1) if H % g == 0]))
     torch.manual_seed(seed)
-    gqa = ms.GQA(hidden_size=10, num_heads=H, n_kv_groups=G, nope_dim=nope, rope_dim=rope, v_dim=5)
+    gqa = gqa_mod.GQA(hidden_size=10, num_heads=H, n_kv_groups=G, nope_dim=nope, rope_dim=rope, v_dim=5)
     x = randn(seed, B, T, 10)
     E, rep = nope + rope, H // G
     k_w = gqa.k_proj.weight.view(G, E, 10).repeat_interleave(rep, 0).reshape(H * E, 10)
@@ -70,7 +73,7 @@ def test_gqa_is_causal(seed, T, cut):
     """Changing tokens after position t never changes the outputs at positions <= t."""
     cut = min(cut, T - 1)
     torch.manual_seed(seed)
-    gqa = ms.GQA(12, 4, 2, 4, 4, 6)
+    gqa = gqa_mod.GQA(12, 4, 2, 4, 4, 6)
     x = randn(seed, 2, T, 12)
     y = x.clone()
     y[:, cut:] = randn(seed + 1, 2, T - cut, 12)
@@ -82,12 +85,12 @@ def test_gqa_is_causal(seed, T, cut):
 
 def test_gqa_rejects_bad_arguments():
     with pytest.raises(ValueError, match="n_kv_groups"):
-        ms.GQA(8, 6, 4, 4, 4, 4)
+        gqa_mod.GQA(8, 6, 4, 4, 4, 4)
     with pytest.raises(ValueError, match="rope_dim"):
-        ms.GQA(8, 4, 2, 4, 3, 4)
+        gqa_mod.GQA(8, 4, 2, 4, 3, 4)
     with pytest.raises(ValueError, match="num_heads"):
-        ms.GQA(8, 0, 1, 4, 4, 4)
-    gqa = ms.GQA(8, 4, 2, 4, 4, 4)
+        gqa_mod.GQA(8, 0, 1, 4, 4, 4)
+    gqa = gqa_mod.GQA(8, 4, 2, 4, 4, 4)
     with pytest.raises(ValueError, match="x"):
         gqa(torch.zeros(1, 3, 7))
     with pytest.raises(ValueError, match="cache"):
@@ -108,7 +111,7 @@ def test_swapped_model_keeps_shapes_and_trains(attention):
     cfg = ms.experiment_config(quick=True)
     model = ms.build_model(cfg, attention, seed=3)
     kinds = {type(layer.self_attn) for layer in model.model.layers}
-    assert kinds == {ms.TrackedMLA if attention == "mla" else ms.GQA}
+    assert kinds == {gqa_mod.TrackedMLA if attention == "mla" else gqa_mod.GQA}
     ids = torch.randint(0, cfg.vocab_size, (2, 11))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 11, cfg.vocab_size) and torch.isfinite(out.loss)
@@ -131,7 +134,7 @@ def test_tracked_mla_is_mla_and_records_the_causal_max_logit():
     the causal keys (an independent formula for the same logits)."""
     cfg = ms.experiment_config(quick=True)
     torch.manual_seed(0)
-    tracked = ms.TrackedMLA(cfg)
+    tracked = gqa_mod.TrackedMLA(cfg)
     plain = MLA(cfg)
     plain.load_state_dict(tracked.state_dict())
     x = torch.randn(2, 9, cfg.hidden_size)
@@ -154,7 +157,7 @@ def test_causal_max_logit_ignores_future_keys():
     s = torch.zeros(1, 2, 4, 6)  # 4 queries at positions 2..5 of 6 keys
     s[0, 1, 0, 3] = 100.0  # query at position 2 looking at key 3: in the future
     s[0, 0, 1, 3] = 7.0  # query at position 3 looking at key 3: allowed
-    assert ms.causal_max_logit(s).item() == 7.0
+    assert gqa_mod.causal_max_logit(s).item() == 7.0
 
 
 def test_per_head_update_rms_recovers_the_update_and_spread():
@@ -189,8 +192,15 @@ def test_muon_split_makes_every_head_update_rms_0_2():
 
 
 def test_lr_schedule_and_summaries():
-    assert ms.lr_factor(0.0) == 0.0 and ms.lr_factor(ms.WARMUP) == pytest.approx(1.0)
-    assert ms.lr_factor(1.0) == pytest.approx(ms.MIN_LR_RATIO)
+    trainer = Trainer(torch.nn.Linear(2, 2), "adamw", 1.0, total_steps=100, warmup=ms.WARMUP,
+                      min_lr_ratio=ms.MIN_LR_RATIO)  # the engine's schedule, as every arm uses it
+    lrs = []
+    for _ in range(100):
+        lrs.append(trainer.lr)
+        trainer.optimizer.step()  # no gradients: nothing changes, but the scheduler's order is kept
+        trainer.scheduler.step()
+    assert lrs[0] == pytest.approx(0.01 / ms.WARMUP) and max(lrs) == pytest.approx(1.0)  # step 1 already moves
+    assert lrs[-1] == pytest.approx(ms.MIN_LR_RATIO)
     curve = {"step": [0, 10, 20], "val_bpb": [3.0, 2.5, 2.0]}
     assert ms.steps_to_reach(curve, 2.5) == 10 and ms.steps_to_reach(curve, 1.0) is None
     runs = {"adamw": {0: {"final_val_bpb": 2.2, "steps": 20}, 1: {"final_val_bpb": 1.5, "steps": 20}},
@@ -227,7 +237,7 @@ def test_quick_run_schema(quick_result):
     assert on_disk["final_val_bpb"] == result["final_val_bpb"]
     arms = set(ms.ARMS)
     assert set(on_disk["runs"]) == arms and set(on_disk["final_val_bpb"]) == arms
-    assert set(on_disk["lr_sweep"]) == arms and all(2 <= len(v) <= 2 + ms.MAX_GRID_EXTENSIONS
+    assert set(on_disk["lr_sweep"]) == arms and all(2 <= len(v) <= 2 + experiments.MAX_GRID_EXTENSIONS
                                                     for v in on_disk["lr_sweep"].values())
     for arm in arms:
         assert set(on_disk["runs"][arm]) == {"0", "1"}
@@ -268,13 +278,13 @@ def test_tune_lr_extends_past_a_winning_edge_only():
             return abs(math.log(lr / center))
         return trial
 
-    best, tried = ms.tune_lr(bowl(5e-3), (2e-3, 5e-3, 1.25e-2))
+    best, tried = experiments.tune_lr(bowl(5e-3), (2e-3, 5e-3, 1.25e-2))
     assert best == 5e-3 and len(tried) == 3
-    best, tried = ms.tune_lr(bowl(0.08), (2e-3, 5e-3, 1.25e-2), max_extensions=2)
+    best, tried = experiments.tune_lr(bowl(0.08), (2e-3, 5e-3, 1.25e-2), max_extensions=2)
     assert len(tried) == 5 and best == pytest.approx(1.25e-2 * 2.5**2)
-    best, tried = ms.tune_lr(bowl(1e-3), (2e-3, 5e-3, 1.25e-2), max_extensions=2)
+    best, tried = experiments.tune_lr(bowl(1e-3), (2e-3, 5e-3, 1.25e-2), max_extensions=2)
     assert best == pytest.approx(8e-4) and len(tried) == 5  # 8e-4 wins; 3.2e-4 confirms the bracket
-    best, _ = ms.tune_lr(lambda lr: math.inf if lr > 4e-3 else -lr, (2e-3, 5e-3, 1.25e-2), max_extensions=0)
+    best, _ = experiments.tune_lr(lambda lr: math.inf if lr > 4e-3 else -lr, (2e-3, 5e-3, 1.25e-2), max_extensions=0)
     assert best == 2e-3
     with pytest.raises(ValueError, match="lr_grid"):
-        ms.tune_lr(bowl(1.0), (1e-3,))
+        experiments.tune_lr(bowl(1.0), (1e-3,))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.layers import apply_rope, interleaved_to_half_split
-from glm5_ref.mla import MLA, MLACache, allowed_keys, attention_core
+from glm5_ref.mla import MLA, AttentionOutput, MLACache, allowed_keys, attention_core
 from tests.strategies import batch_sizes, odd_lengths, randn, seeds, small_configs, with_changes
 
 # fp64 comparisons between different code paths stop near 1e-7, not 1e-15: apply_rope (layers.py) rotates in
@@ -225,8 +225,9 @@ def test_a_query_with_nothing_selected_gives_zeros_and_finite_gradients():
 def test_attention_core_shared_and_per_head_values_agree():
     scores = randn(5, 2, 3, 4, 6)  # (B, H, T, S)
     values = randn(6, 2, 6, 7)  # (B, S, V)
-    shared = attention_core(scores, values, torch.arange(2, 6))
-    per_head = attention_core(scores, values[:, :, None].expand(-1, -1, 3, -1), torch.arange(2, 6))
+    shared, none = attention_core(scores, values, torch.arange(2, 6))
+    per_head, _ = attention_core(scores, values[:, :, None].expand(-1, -1, 3, -1), torch.arange(2, 6))
+    assert none is None
     assert rel(shared, per_head) < 1e-6
     assert allowed_keys(torch.arange(3), 3).tolist() == [[[True, False, False], [True, True, False], [True] * 3]]
 
@@ -427,26 +428,32 @@ def test_matches_transformers_glm_moe_dsa_attention(preset, T):
         assert rel(ours(x, absorbed=True), expected) < 1e-4
 
 
-def test_select_keys_hook_is_what_a_sparse_subclass_overrides():
-    class EveryOtherKey(MLA):  # a stand-in for DSA: each query keeps the even keys and itself
-        def select_keys(self, x, c_q, positions, cache):
-            start = cache.length if cache is not None else 0
-            t = torch.arange(start, start + x.shape[1])[:, None]  # (T, 1)
-            s = torch.arange(start + x.shape[1])[None]  # (1, S)
-            return torch.where((s <= t) & ((s % 2 == 0) | (s == t)), s, -1).expand(x.shape[0], -1, -1)
+def every_other_key(B, start, T):
+    """A stand-in for DSA's selection: each query keeps the even keys and itself, (B, T, S), -1 = padding."""
+    t = torch.arange(start, start + T)[:, None]  # (T, 1)
+    s = torch.arange(start + T)[None]  # (1, S)
+    return torch.where((s <= t) & ((s % 2 == 0) | (s == t)), s, -1).expand(B, -1, -1)
 
+
+@pytest.mark.parametrize("sparse_impl", ["masked", "gathered"])
+def test_key_indices_are_the_whole_sparse_interface_and_no_state_survives(sparse_impl):
     c = GLM5Config.tiny()
-    sparse, dense = EveryOtherKey(c), MLA(c)
-    dense.load_state_dict(sparse.state_dict())
+    m = MLA(c)
     x = randn(5, 2, 7, c.hidden_size)
+    state_before = set(vars(m))
     with torch.no_grad():
-        expected = dense(x, key_indices=sparse.select_keys(x, None, None, None))
-        assert torch.equal(sparse(x), expected)
+        full = m.attend(x, key_indices=every_other_key(2, 0, 7))
+        assert isinstance(full, AttentionOutput) and torch.equal(full.out, m(x, key_indices=every_other_key(2, 0, 7)))
+        assert full.probs is None and torch.equal(full.key_indices, every_other_key(2, 0, 7))
         cache = MLACache.for_config(c, 2, 7)
-        stepped = torch.cat([sparse(x[:, :4], cache=cache, absorbed=True)]
-                            + [sparse(x[:, t:t + 1], cache=cache, absorbed=True) for t in range(4, 7)], dim=1)
-    assert rel(stepped, expected) < 1e-5
-    assert rel(expected, dense(x)) > 1e-3
+        stepped = [m(x[:, :4], cache=cache, absorbed=True, key_indices=every_other_key(2, 0, 4))]
+        for t in range(4, 7):
+            res = m.attend(x[:, t:t + 1], cache=cache, absorbed=True, key_indices=every_other_key(2, t, 1),
+                           sparse_impl=sparse_impl)
+            stepped.append(res.out)
+    assert rel(torch.cat(stepped, dim=1), full.out) < 1e-5
+    assert rel(full.out, m(x)) > 1e-3  # the selection changed the output
+    assert set(vars(m)) == state_before  # nothing new kept on the module between calls
 
 
 @given(config=small_configs(), T=st.sampled_from([1, 5, 13]), seed=seeds, select=st.booleans())
@@ -455,8 +462,9 @@ def test_return_probs_agree_between_paths_and_are_distributions(config, T, seed,
     x = randn(seed, 2, T, config.hidden_size)
     idx = random_key_indices(seed, 2, T) if select else None
     with torch.no_grad():
-        out_e, probs_e = m(x, key_indices=idx, return_probs=True)
-        out_a, probs_a = m(x, key_indices=idx, absorbed=True, return_probs=True)
+        res_e = m.attend(x, key_indices=idx, return_probs=True)
+        res_a = m.attend(x, key_indices=idx, absorbed=True, return_probs=True)
+        out_e, probs_e, probs_a = res_e.out, res_e.probs, res_a.probs
         assert torch.equal(out_e, m(x, key_indices=idx))
     H = config.num_attention_heads
     assert probs_e.shape == probs_a.shape == (2, H, T, T)

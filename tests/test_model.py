@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.hf_io import to_transformers_layout
-from glm5_ref.model import GLM5ForCausalLM, nucleus_probs, sample_token
+from glm5_ref.model import GLM5ForCausalLM
+from glm5_ref.sampling import nucleus_probs, sample_token
 from tests.strategies import seeds, small_configs
 
 # transformers builds q_a_layernorm / kv_a_layernorm with eps 1e-6 whatever config.rms_norm_eps says (glm5_ref

@@ -4,6 +4,7 @@ the checkpoint layout, errors."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.model import GLM5ForCausalLM
+from glm5_ref.sampling import nucleus_probs
 from glm5_ref.speculative import accept_or_resample, speculative_generate
 from tests.strategies import seeds
 
@@ -28,7 +30,18 @@ def rel(a, b):
 
 @functools.lru_cache(maxsize=1)
 def trained_model() -> GLM5ForCausalLM:
-    """A tiny model (main + MTP) fitted to a cyclic token pattern, so that drafts are often right."""
+    """A tiny model (main + MTP) fitted to a cyclic token pattern, so that drafts are often right. Trained on one
+    thread, so that the same model comes out whatever thread count the test process runs with (a sum split over
+    threads rounds differently, and a different model accepts different drafts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_pattern_model()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_pattern_model() -> GLM5ForCausalLM:
     torch.manual_seed(0)
     model = GLM5ForCausalLM(CFG)
     pattern = torch.tensor([3, 7, 1, 9, 4, 4, 12, 5, 18, 2, 7, 11])
@@ -101,7 +114,7 @@ def test_greedy_speculative_decoding_returns_plain_greedy_ids(seed, draft_steps,
     prompt = torch.randint(0, CFG.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     plain = model.generate(prompt, 20)
     with pytest.warns(UserWarning) if draft_steps > CFG.num_mtp_depths else _no_warning():
-        spec, stats = model.generate(prompt, 20, draft_steps=draft_steps, return_stats=True)
+        spec, stats = speculative_generate(model, prompt, 20, draft_steps)
     assert torch.equal(spec, plain)
     assert 1 <= stats.accept_length <= draft_steps + 1
 
@@ -117,7 +130,7 @@ class _no_warning:
 def test_trained_mtp_drafts_are_accepted_and_the_formula_holds():
     model = trained_model()
     prompt = torch.tensor([[3, 7, 1, 9]])
-    _, stats = model.generate(prompt, 40, draft_steps=3, return_stats=True)
+    _, stats = speculative_generate(model, prompt, 40, 3)
     assert stats.accept_length > 2.0  # a learnt pattern: most drafts pass
     rates = stats.depth_acceptance
     assert len(rates) == 3 and all(0 <= r <= 1 for r in rates)
@@ -151,13 +164,11 @@ def test_first_speculative_token_follows_the_main_model_exactly():
     counts = torch.zeros(CFG.vocab_size)
     first = None
     for seed in range(300):
-        ids = model.generate(prompt, 2, temperature=temperature, seed=seed, draft_steps=1)
+        ids = speculative_generate(model, prompt, 2, 1, temperature=temperature, seed=seed)[0]
         if first is None or int(ids[0, 5]) == first:
             first = int(ids[0, 5])
             counts[int(ids[0, 6])] += 1
     with torch.no_grad():
-        from glm5_ref.model import nucleus_probs
-
         target = nucleus_probs(model(torch.cat([prompt, torch.tensor([[first]])], 1)).logits[:, -1], temperature, 1.0)[0]
     n = counts.sum()
     keep = target * n >= 5  # chi-square on the cells with enough expected mass
@@ -167,12 +178,36 @@ def test_first_speculative_token_follows_the_main_model_exactly():
     assert chi2 < 40
 
 
-def test_cache_rollback_leaves_the_caches_of_a_plain_decode():
-    model = trained_model()
-    prompt = torch.tensor([[22, 21, 20, 19, 18]])  # off the learnt pattern: some drafts get rejected
+class WrongFromDepth(torch.nn.Module):
+    """The model's MTP layer, except that every draft from depth ``depth`` on is wrong on purpose: its logits are
+    negated, so it drafts the token the MTP layer finds least likely, never the main model's argmax (unless a row
+    of logits is constant). Rejections are thus certain: every round accepts at most depth - 1 drafts."""
+
+    def __init__(self, mtp, depth: int, draft_steps: int):
+        super().__init__()
+        self.inner, self.depth, self.draft_steps, self.calls = mtp, depth, draft_steps, 0
+
+    def step(self, *args, **kwargs):
+        return self.inner.step(*args, **kwargs)
+
+    def logits(self, h, lm_head):
+        j = self.calls % self.draft_steps + 1  # speculative_generate asks depths 1 .. draft_steps in turn
+        self.calls += 1
+        z = self.inner.logits(h, lm_head)
+        return -z if j >= self.depth else z
+
+
+@pytest.mark.parametrize("wrong_from", [1, 2])
+def test_cache_rollback_leaves_the_caches_of_a_plain_decode(wrong_from):
+    model = copy.deepcopy(trained_model())
+    model.mtp = WrongFromDepth(model.mtp, wrong_from, draft_steps=3)
+    prompt = torch.tensor([[3, 7, 1, 9, 4]])  # the learnt pattern: depth-1 drafts are right there
     cache = model.new_cache(1, 5 + 24 + 4)
     ids, stats = speculative_generate(model, prompt, 24, draft_steps=3, cache=cache)
-    assert stats.rounds < 24 and any(a < 4 for a in stats.accept_lengths)  # rejections happened
+    assert torch.equal(ids, model.generate(prompt, 24))  # wrong drafts never change greedy output
+    assert all(a <= wrong_from for a in stats.accept_lengths)  # a rejection in every round, by construction
+    if wrong_from == 2:  # ... and rounds that accepted a draft before rejecting one: both rollbacks happen
+        assert 2 in stats.accept_lengths and 1 in stats.accept_lengths, stats.accept_lengths
     L = ids.shape[1] - 1  # the last emitted token never enters the cache
     assert cache.length == L
     plain = model.new_cache(1, L)
@@ -189,14 +224,18 @@ def test_speculative_decoding_bad_input():
     model = trained_model()
     prompt = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match="draft_steps"):
-        model.generate(prompt, 4, draft_steps=-1)
+        speculative_generate(model, prompt, 4, -1)
     with pytest.raises(ValueError, match="one sequence"):
-        model.generate(torch.tensor([[1, 2], [3, 4]]), 4, draft_steps=2)
+        speculative_generate(model, torch.tensor([[1, 2], [3, 4]]), 4, 2)
     no_mtp = GLM5ForCausalLM(dataclasses.replace(CFG, num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="no MTP layer"):
-        no_mtp.generate(prompt, 4, draft_steps=2)
+        speculative_generate(no_mtp, prompt, 4, 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(model, prompt, -1, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(model, prompt, 4, 2, temperature=-1.0)
     with pytest.warns(UserWarning, match="exceeds"):
-        model.generate(prompt, 4, draft_steps=5)
+        speculative_generate(model, prompt, 4, 5)
 
 
 def test_mtp_layer_round_trips_through_the_checkpoint_layout(tmp_path):

@@ -18,10 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from glm5_ref.layers import RMSNorm
-from glm5_ref.muon import (
-    CombinedOptimizer, Muon, build_optimizer, head_blocks, kv_head_blocks, merge_rows,
-    muon_update, newton_schulz, scale_factor, split_rows,
-)
+from glm5_ref.muon import Muon, head_blocks, kv_head_blocks, merge_rows, muon_update, newton_schulz, scale_factor, split_rows
+from glm5_ref.training.optim import CombinedOptimizer, build_optimizer
 from glm5_ref.config import GLM5Config
 from glm5_ref.mla import MLA
 from tests.strategies import randn, seeds
@@ -486,7 +484,7 @@ def test_non_finite_gradient_raises_and_changes_nothing():
 # the benchmark's matrix list (glm5_ref/bench/muon.py) against the config's exact parameter count
 @pytest.mark.parametrize("preset", ["classroom", "glm5"])
 def test_bench_matrix_list_covers_every_hidden_matrix(preset):
-    from glm5_ref.bench.muon import hidden_matrices
+    from glm5_ref.apps.bench.muon import hidden_matrices
     from glm5_ref.config import GLM5Config
 
     c = GLM5Config.preset(preset)

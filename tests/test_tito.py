@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm5_ref.tool_env import toy_config
+from glm5_ref.apps.tool_env import toy_config
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.rl import sequence_logprobs
 from glm5_ref.tito import (TITOGateway, first_divergence, mask_after_drift, retokenization_trap)

@@ -1,4 +1,4 @@
-"""glm5_ref.train: loss goes down, DSA stages train what they should, exact resume, safe interrupts, bad input."""
+"""glm5_ref.training.run: loss goes down, DSA stages train what they should, exact resume, safe interrupts, bad input."""
 
 import dataclasses
 import json
@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from glm5_ref import train as tr
-from glm5_ref.dsa import DSAAttention
+from glm5_ref.training import checkpoint as ckpt
+from glm5_ref.training import engine
+from glm5_ref.training import run as tr
 from glm5_ref.model import GLM5ForCausalLM
-from glm5_ref.muon import build_optimizer
+from glm5_ref.training.optim import build_optimizer
 
 # tiny batches: a step of the tiny config takes ~20 ms on one core
 RUN = dict(batch_size=2, seq_len=16, num_evals=2, eval_windows_n=2, progress=False, checkpoint_minutes=0)
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def batch():
-    from glm5_ref.data import build_splits
+    from glm5_ref.training.data import build_splits
 
     return build_splits().train.ids[:2 * 33].reshape(2, 33)  # (B, T + 1)
 
@@ -33,38 +34,37 @@ def tiny_model(seed=0):
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(batch):
     model = tiny_model()
     opt = build_optimizer(model, "adamw", 3e-3)
-    tr.set_dsa_stage(model, "dense")
-    losses = [tr.train_step(model, opt, batch)[1].item() for _ in range(8)]
+    engine.set_dsa_stage(model, "dense")
+    losses = [engine.train_step(model, opt, batch)[1].item() for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses
 
 
 def test_muon_split_steps_reduce_the_loss(batch):
     model = tiny_model()
     opt = build_optimizer(model, "muon_split", 0.01)
-    losses = [tr.train_step(model, opt, batch)[1].item() for _ in range(6)]
+    losses = [engine.train_step(model, opt, batch)[1].item() for _ in range(6)]
     assert losses[-1] < losses[0], losses
 
 
 def test_warmup_stage_trains_only_the_indexers(batch):
     model = tiny_model()
     opt = build_optimizer(model, "adamw", 1e-2)
-    tr.set_dsa_stage(model, "warmup")
+    engine.set_dsa_stage(model, "warmup")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     biases = [b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
-    out, loss, _ = tr.train_step(model, opt, batch, stage="warmup")
+    out, loss, _ = engine.train_step(model, opt, batch, stage="warmup")
     assert torch.equal(loss, out.indexer_loss)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".indexer." in n for n in changed), changed
     assert all(torch.equal(a, b) for a, b in zip(biases, (b for n, b in model.named_buffers()
                                                           if n.endswith("e_score_correction_bias"))))
-    tr.set_dsa_stage(model, "sparse")
-    attns = [m for m in model.modules() if isinstance(m, DSAAttention)]
-    assert all(m.sparse and m.detach_indexer_input for m in attns)
+    engine.set_dsa_stage(model, "sparse")
+    assert model.execution.sparse and model.execution.detach_indexer_input
     assert all(p.requires_grad for p in model.parameters())
-    out, loss, _ = tr.train_step(model, opt, batch, stage="sparse")
+    out, loss, _ = engine.train_step(model, opt, batch, stage="sparse")
     assert out.indexer_loss is not None and torch.isfinite(loss)
-    tr.set_dsa_stage(model, "dense")
-    assert not any(m.sparse or m.detach_indexer_input for m in attns)
+    engine.set_dsa_stage(model, "dense")
+    assert not (model.execution.sparse or model.execution.detach_indexer_input)
 
 
 def test_dense_stage_updates_router_bias(batch):
@@ -72,15 +72,15 @@ def test_dense_stage_updates_router_bias(batch):
     opt = build_optimizer(model, "adamw", 1e-3)
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert torch.count_nonzero(bias) == 0
-    tr.train_step(model, opt, batch)
+    engine.train_step(model, opt, batch)
     assert torch.count_nonzero(bias) > 0
 
 
 def test_schedules():
-    assert tr.lr_factor(0.0, 0.1, 0.1) == 0.0
-    assert tr.lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0)
-    assert tr.lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1)
-    assert tr.lr_factor(0.55, 0.1, 0.0) == pytest.approx(0.5)
+    assert engine.lr_factor(0.0, 0.1, 0.1) == 0.0
+    assert engine.lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0)
+    assert engine.lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1)
+    assert engine.lr_factor(0.55, 0.1, 0.0) == pytest.approx(0.5)
     sched = tr.parse_dsa_schedule("dense:0.5,warmup:0.25,sparse:0.25")
     assert [tr.stage_at(sched, p) for p in (0, 0.49, 0.5, 0.8, 1.0)] == ["dense", "dense", "warmup", "sparse",
                                                                         "sparse"]
@@ -104,8 +104,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         tr.train("tiny", tmp_path / "resumed", callback=stop_at_3, **kwargs)
-    assert tr.read_trainer_state(tmp_path / "resumed")["step"] == 3
-    assert not tr.read_trainer_state(tmp_path / "resumed")["finished"]
+    assert ckpt.read_trainer_state(tmp_path / "resumed")["step"] == 3
+    assert not ckpt.read_trainer_state(tmp_path / "resumed")["finished"]
     resumed = tr.train("tiny", tmp_path / "resumed", resume=True, **kwargs)
     assert resumed.step == straight.step == 6 and resumed.stage == "sparse"
     a = params_and_buffers(GLM5ForCausalLM.from_pretrained(straight.checkpoint))
@@ -117,8 +117,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     steps_b = [r["loss"] for r in resumed.log if r["kind"] == "step"]
     assert steps_a == steps_b  # the log of the resumed run is whole, each step once
     assert straight.final_eval == resumed.final_eval
-    opt_a = torch.load(tmp_path / "straight" / "checkpoint" / tr.STATE_FILE, weights_only=False)["optimizer"]
-    opt_b = torch.load(tmp_path / "resumed" / "checkpoint" / tr.STATE_FILE, weights_only=False)["optimizer"]
+    opt_a = torch.load(tmp_path / "straight" / "checkpoint" / ckpt.STATE_FILE, weights_only=False)["optimizer"]
+    opt_b = torch.load(tmp_path / "resumed" / "checkpoint" / ckpt.STATE_FILE, weights_only=False)["optimizer"]
     for name in opt_a:
         for key, s in opt_a[name]["state"].items():
             for k, v in s.items():
@@ -141,11 +141,11 @@ def test_interrupt_during_a_save_leaves_the_last_checkpoint_loadable(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         tr.train("tiny", tmp_path / "run", steps=6, checkpoint_every=2, **RUN)
     monkeypatch.setattr(torch, "save", real_save)
-    info = tr.read_trainer_state(tmp_path / "run")
+    info = ckpt.read_trainer_state(tmp_path / "run")
     assert info["step"] == 2 and not info["finished"]
     model = tr.load_model(tmp_path / "run")
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
-    state = torch.load(tr.find_checkpoint(tmp_path / "run") / tr.STATE_FILE, weights_only=False)
+    state = torch.load(ckpt.find_checkpoint(tmp_path / "run") / ckpt.STATE_FILE, weights_only=False)
     assert state["loop"]["step"] == 2
     # and the run continues from there
     result = tr.train("tiny", tmp_path / "run", steps=6, resume=True, **RUN)
@@ -177,13 +177,13 @@ def test_bad_input_raises_clear_errors(tmp_path):
 
 def test_log_and_trainer_state_are_readable(tmp_path):
     result = tr.train("tiny", tmp_path / "run", steps=3, **RUN)
-    lines = (tmp_path / "run" / tr.LOG_FILE).read_text().splitlines()
+    lines = (tmp_path / "run" / ckpt.LOG_FILE).read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["kind"] for r in records].count("step") == 3 and records[-1]["kind"] == "eval"
     assert records[0]["kind"] == "eval" and records[0]["step"] == 0  # the untrained model, where curves start
     assert {"loss", "lm_loss", "balance_loss", "lr", "grad_norm", "tok_s", "stage", "mtp_loss", "mtp_ce"} <= set(
         records[1])
-    info = tr.read_trainer_state(tmp_path / "run")
+    info = ckpt.read_trainer_state(tmp_path / "run")
     assert info["finished"] and info["attention"] == "dense" and info["step"] == 3
     assert info["last_eval"]["val_bpb"] == pytest.approx(result.final_eval["bpb"])
 

@@ -68,11 +68,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from glm5_ref.data import bits_per_byte, evaluate
+from glm5_ref.training.data import bits_per_byte, evaluate
 from glm5_ref.distributed.expert_parallel import ExpertParallelMoE, check_expert_split
 from glm5_ref.distributed.muon import DistributedMuon
 from glm5_ref.moe import MoE, update_router_bias
-from glm5_ref.muon import Muon, build_optimizer
+from glm5_ref.muon import Muon
+from glm5_ref.training.optim import build_optimizer
 
 MUON_HYPER = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn",
               "ns_dtype", "split_scale")
@@ -215,42 +216,31 @@ class DataParallel:
         dist.all_reduce(out, group=self.group)
         return out / self.world_size
 
-    def train_step(self, model, optimizer, batch, stage: str = "dense", grad_clip: float | None = 1.0,
-                   bias_update_speed: float | None = None, **forward_kwargs):
-        """train.train_step on the global ``batch`` (B, T + 1): this rank's slice through DDP, gradients of the
-        combined batch, global clipping, router biases from the global loads. Returns (out, loss, grad norm)
-        with the losses in ``out`` (and ``loss``) replaced by their means over the ranks (the combined batch's)
-        and ``out.tokens_per_expert`` by the global loads."""
+    def network(self, model: nn.Module) -> nn.Module:
+        """What a step runs forward: the DDP wrapper of ``model`` (the model given to prepare())."""
         if self.ddp is None or self.ddp.module is not model:
-            raise ValueError("DataParallel.train_step model: expected the model given to prepare()")
-        x = self.shard(batch)  # (B / W, T + 1)
-        out = self.ddp(x, labels=x, indexer_loss=stage != "dense", **forward_kwargs)
-        loss = out.indexer_loss if stage == "warmup" else out.loss
-        # the logged losses, averaged over the ranks BEFORE backward: a non-finite loss stops every rank at once
+            raise ValueError("DataParallel: expected the model given to prepare()")
+        return self.ddp
+
+    def reduce_losses(self, out, loss: torch.Tensor, stage: str) -> torch.Tensor:
+        """Before backward: the logged losses in ``out`` replaced by their means over the ranks (the combined
+        batch's), so that a non-finite loss stops every rank at once. Returns the mean of ``loss``."""
         fields = ["loss", "lm_loss", "balance_loss", "indexer_loss", "mtp_loss"]
         parts = [getattr(out, f) for f in fields] + list(out.mtp_losses)
-        means = self.mean(torch.stack([(p if p is not None else loss.new_zeros(())).detach().float()
-                                       for p in parts]))
-        g_loss = means[fields.index("indexer_loss") if stage == "warmup" else 0]
-        if not torch.isfinite(g_loss):
-            raise FloatingPointError(f"loss is {g_loss.item()} (mean over {self.world_size} ranks): the run diverged; "
-                                     "lower the learning rate")
-        loss.backward()  # DDP averages the replicated parameters' gradients over the ranks here
-        experts = [p for p in self.expert_params(model) if p.grad is not None]
-        for p in experts:  # owner's gradient sums every rank's tokens: the mean's gradient is 1/W of it
-            p.grad.div_(self.world_size)
-        grad_norm = self.clip_grad_norm(model, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loads = self.global_loads(out.tokens_per_expert)
-        if stage != "warmup":  # the router bias is frozen in the indexer warm-up, as in train.train_step
-            self.update_router_biases(model, loads, bias_update_speed)
-        for f, v in zip(fields, means):
+        means = self.mean(torch.stack([loss.detach().float()] + [(p if p is not None else loss.new_zeros(()))
+                                                                  .detach().float() for p in parts]))
+        for f, v in zip(fields, means[1:]):
             if getattr(out, f) is not None:
                 setattr(out, f, v.to(torch.float32))
-        out.mtp_losses = [v.to(torch.float32) for v in means[len(fields):]]
-        out.tokens_per_expert = loads
-        return out, g_loss.to(torch.float32), grad_norm
+        out.mtp_losses = [v.to(torch.float32) for v in means[1 + len(fields):]]
+        return means[0].to(torch.float32)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """DDP has averaged the replicated gradients; an expert's owner summed every rank's tokens, so the
+        gradient of the mean loss is 1/W of it."""
+        for p in self.expert_params(model):
+            if p.grad is not None:
+                p.grad.div_(self.world_size)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         """Clip by the norm of the WHOLE model's gradient: replicated gradients are equal on every rank (count

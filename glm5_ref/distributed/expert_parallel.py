@@ -108,12 +108,12 @@ class _LocalExperts(MoE):
         self.experts = nn.ModuleList(experts)
         self._pack_experts()
 
-    def forward(self, x: torch.Tensor, local_idx: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, local_idx: torch.Tensor, impl: str, use_triton: bool = False) -> torch.Tensor:
         """x (R, d) received slots, local_idx (R,) their local expert -> (R, d) unweighted expert outputs."""
         if x.shape[0] == 0:  # no slot for my experts: still return a function of x, so that the graph reaches
             return x.clone()  # the first exchange and its reverse runs here as on every other rank
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)  # (R, 1): weights applied later
-        return self.expert_outputs(x, local_idx[:, None], ones, impl)
+        return self.expert_outputs(x, local_idx[:, None], ones, impl, use_triton)
 
 
 class ExpertParallelMoE(nn.Module):
@@ -166,7 +166,7 @@ class ExpertParallelMoE(nn.Module):
         dist.all_reduce(load, group=self.group)
         update_router_bias(self.gate, load, gamma)
 
-    def forward(self, x: torch.Tensor, impl: str = "grouped", return_aux: bool = False):
+    def forward(self, x: torch.Tensor, impl: str = "grouped", return_aux: bool = False, use_triton: bool = False):
         """x (B, T, d) this rank's tokens -> y (B, T, d), or (y, MoEAux) with return_aux (loads of this rank)."""
         c = self.config
         if impl not in IMPLS:
@@ -193,7 +193,7 @@ class ExpertParallelMoE(nn.Module):
         # local experts: rows arrive grouped by source rank, then by local expert
         local_idx = torch.repeat_interleave(torch.arange(self.n_local, device=h.device).repeat(self.world_size),
                                             recv_counts.reshape(-1).to(h.device))  # (R,)
-        o_recv = self.local_experts(x_recv, local_idx, impl)  # (R, d)
+        o_recv = self.local_experts(x_recv, local_idx, impl, use_triton)  # (R, d)
 
         # combine: back to the token's rank, weight by the gate, sum the K slots of every token
         o_slots = all_to_all(o_recv, send_splits, recv_splits, self.group)  # (S, d), in `order`

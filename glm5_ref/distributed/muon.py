@@ -52,8 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glm5_ref.muon import (CombinedOptimizer, Muon, _check_finite, _orthogonalize_all, build_optimizer, closure_loss,
-                           scale_factor)
+from glm5_ref.muon import Muon, _check_finite, _orthogonalize_all, closure_loss, scale_factor
+from glm5_ref.training.optim import CombinedOptimizer, build_optimizer
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ print(f"with the MTP layer: {config.num_params(include_mtp=True):,}")
 # The table splits both counts by component; the chart shows them on a log scale.
 
 # %%
-from glm5_ref.tour import component_counts, params_table, plot_param_breakdown
+from glm5_ref.apps.tour import component_counts, params_table, plot_param_breakdown
 
 print(params_table(config))
 path = plot_param_breakdown(config, "../figures/00_param_breakdown.png")
@@ -128,7 +128,7 @@ assert (act["attention"] + act["indexer"]) / config.num_params(active=True) > 0.
 # latent and one shared 64-wide rotary key, **576 values**; DSA's indexer adds a 128-wide key. In bf16:
 
 # %%
-from glm5_ref.tour import cache_table
+from glm5_ref.apps.tour import cache_table
 
 print(cache_table(config))
 mla_values = r_kv + d_r

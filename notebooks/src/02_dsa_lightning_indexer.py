@@ -196,10 +196,8 @@ def mla_absorbed_sparse(x, W, cfg, selected):
 derived_sparse = mla_absorbed_sparse(x[0], W, cfg, derived_topk)
 with torch.no_grad():
     package_sparse = {"absorbed, gathered": model(x, absorbed=True)[0]}  # decode path: gathers k latents/query
-    model.sparse_impl = "masked"
-    package_sparse["absorbed, masked"] = model(x, absorbed=True)[0]  # dense logits, -inf outside S_t
+    package_sparse["absorbed, masked"] = model(x, absorbed=True, sparse_impl="masked")[0]  # -inf outside S_t
     package_sparse["expanded, masked"] = model(x)[0]  # training path
-    model.sparse_impl = "gathered"
 for name, out in package_sparse.items():
     checks[f"sparse attention ({name})"] = rel(out, derived_sparse)
     print(f"sparse attention, package {name:20s} vs derivation: {checks[f'sparse attention ({name})']:.1e}")
@@ -339,7 +337,7 @@ late = pos_w >= k_top  # queries with more than k causal keys: where the selecti
 def snapshot():
     """Main-attention target p, the indexer's distribution, and the attention mass its top-k captures."""
     with torch.no_grad():
-        _, probs = main(x_eval, return_probs=True)  # (B, H, T, S)
+        probs = main.attend(x_eval, return_probs=True).probs  # (B, H, T, S)
         p = attention_target(probs)  # (B, T, S)
         scores = layer.indexer(x_eval, layer.q_latent(x_eval), pos_w)  # (B, T, S)
         selected = select_topk(scores, pos_w, k_top)  # (B, T, k)
@@ -350,13 +348,12 @@ def snapshot():
 
 
 before = snapshot()
-layer.sparse = False  # stage 1: dense attention
 trainable = freeze_all_but_indexers(layer)
 print("trainable:", trainable)
 optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=3e-3)
 start, losses = time.time(), []
 for step in range(300):
-    _, loss = layer(sequences(8), indexer_loss=True)
+    loss = layer.attend(sequences(8), sparse=False, indexer_loss=True).indexer_loss  # stage 1: dense attention
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -364,7 +361,6 @@ for step in range(300):
     if step % 100 == 0 or step == 299:
         print(f"step {step:3d}   KL {loss.item():.3f}")
 print(f"{len(losses)} steps in {time.time() - start:.1f} s")
-layer.sparse = True
 after = snapshot()
 
 # %% [markdown]
@@ -456,8 +452,8 @@ print(f"projections and folds, at any L: {fixed_macs / 1e6:.0f} M")
 # weights, which every step pays.
 
 # %%
-from glm5_ref.bench import timeit
-from glm5_ref.bench.dsa_decode import attention_core_macs, fill_cache, interleaved, shared_mla
+from glm5_ref.apps.bench import timeit
+from glm5_ref.apps.bench.dsa_decode import attention_core_macs, fill_cache, interleaved, shared_mla
 from glm5_ref.dsa import DSACache
 
 measured = {}

@@ -211,7 +211,7 @@ checks["rejection rule, exact enumeration"] = ((emitted - p).abs().max().item(),
 # Keeping every draft would land on $q$ instead:
 
 # %%
-from glm5_ref.speculative import accept_or_resample
+from glm5_ref.speculative import accept_or_resample, speculative_generate
 
 g = torch.Generator().manual_seed(0)
 n = 20_000
@@ -229,12 +229,12 @@ checks["accept_or_resample, Monte Carlo TV to p"] = (tv_rule, 0.02)
 #
 # Acceptance needs a trained drafter. We train a narrow 2-layer GLM-5 (d = 128, MLA + MoE with 32 experts +
 # the MTP layer) on the training documents of the shipped Python corpus for about 45 seconds. We use
-# `classroom_ckpt.train_mtp_model`: AdamW, random windows, loss `out.loss` (next-token + balance + MTP over
+# `apps.classroom_model.train_mtp_model`: AdamW, random windows, loss `out.loss` (next-token + balance + MTP over
 # 3 depths), and the router-bias update after every step. Then we compare each depth's loss on held-out
 # documents.
 
 # %%
-from glm5_ref.classroom_ckpt import code_prompts, corpus_stream, train_mtp_model
+from glm5_ref.apps.classroom_model import code_prompts, corpus_stream, train_mtp_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # training batches do use two cores
 small = dataclasses.replace(GLM5Config.classroom(), name="classroom-small", hidden_size=128, num_hidden_layers=2,
@@ -262,7 +262,7 @@ print(f"held-out cross-entropy (nats/token): main {ev.lm_loss.item():.3f}; MTP d
 prompts = code_prompts(3, 64)
 NEW = 128
 with torch.no_grad():
-    model.generate(prompts[0][:, :8], 4), model.generate(prompts[0][:, :8], 4, draft_steps=2)  # warm-up
+    model.generate(prompts[0][:, :8], 4), speculative_generate(model, prompts[0][:, :8], 4, 2)  # warm-up
 plain_ids, plain_s = [], 0.0
 for pr in prompts:
     t0 = time.perf_counter()
@@ -285,13 +285,13 @@ with warnings.catch_warnings():
         stats, spec_s = [], 0.0
         for pr, ref in zip(prompts, plain_ids):
             t0 = time.perf_counter()
-            ids_, st = model.generate(pr, NEW, draft_steps=N, return_stats=True)
+            ids_, st = speculative_generate(model, pr, NEW, N)
             spec_s += time.perf_counter() - t0
             assert torch.equal(ids_, ref), "greedy speculative decoding must equal plain greedy decoding"
             stats.append(st)
         rates, tau = pooled(stats, N)
         results["greedy"][N] = dict(rates=rates, tau=tau, speedup=plain_s / spec_s)
-        stats = [model.generate(pr, NEW, temperature=1.0, seed=i, draft_steps=N, return_stats=True)[1]
+        stats = [speculative_generate(model, pr, NEW, N, temperature=1.0, seed=i)[1]
                  for i, pr in enumerate(prompts)]
         rates_s, tau_s = pooled(stats, N)
         results["sampled"][N] = dict(rates=rates_s, tau=tau_s)
@@ -338,10 +338,10 @@ for mode in ("greedy", "sampled"):
 # much as 1. In GLM-5 the MTP layer is 1 of 79 decoder layers, so $C_{\text{MTP}} \approx C_{\text{step}}/78$.
 # The speed-up is then close to $E[\tau]$. In our 2-layer model the MTP layer is a third of the network, and
 # on a CPU the extra verified tokens are not free. We measure the three costs
-# (`glm5_ref.bench.spec_decode.step_costs`) and put them into the formula.
+# (`glm5_ref.apps.bench.spec_decode.step_costs`) and put them into the formula.
 
 # %%
-from glm5_ref.bench.spec_decode import step_costs
+from glm5_ref.apps.bench.spec_decode import step_costs
 
 costs = step_costs(model, prompts[0], 64 + NEW // 2, verify_tokens=[N + 1 for N in Ns], repeats=15)
 c_step, c_mtp, c_verify = costs["step_ms"], costs["mtp_step_ms"], costs["verify_ms"]
@@ -392,7 +392,7 @@ display(Image("../figures/05_accept_length.png"))
 # and the cell says so.
 
 # %%
-from glm5_ref.classroom_ckpt import CLASSROOM_RUN, SPEC_BENCH_RUN, load_trained
+from glm5_ref.apps.classroom_model import CLASSROOM_RUN, SPEC_BENCH_RUN, load_trained
 
 windows_256 = torch.stack([val[s:s + 257] for s in range(0, 8 * 4000, 4000)])  # 8 held-out windows
 pr = code_prompts(1, 96)[0]
@@ -405,7 +405,7 @@ for big, big_info in found:
     t0 = time.perf_counter()
     ref = big.generate(pr, 128)
     t1 = time.perf_counter()
-    ids_, st = big.generate(pr, 128, draft_steps=3, return_stats=True)
+    ids_, st = speculative_generate(big, pr, 128, 3)
     t2 = time.perf_counter()
     assert torch.equal(ids_, ref)
     print(f"{big_info['path']} ({big_info.get('step', '?')} steps): held-out CE main {ev.lm_loss.item():.2f}, MTP "

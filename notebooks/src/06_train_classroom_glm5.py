@@ -3,7 +3,7 @@
 #
 # Notebooks 01-05 built every part of GLM-5. This one trains it: a ~17M-parameter "classroom" GLM-5 (4 layers,
 # MLA, DSA, 32 experts, one MTP layer) on 3.7 MB of Python from the CPython standard library, on a CPU.
-# What is trained, and how, in one step of `glm5_ref.train`:
+# What is trained, and how, in one step of `glm5_ref.training.run`:
 #
 # | term | what it is | where |
 # |---|---|---|
@@ -33,14 +33,16 @@ from pathlib import Path
 
 import torch
 
-from glm5_ref.data import bits_per_byte, build_splits, eval_windows, evaluate, token_byte_lengths, uniform_bpb
-from glm5_ref.demo import complete, plot_expert_load, plot_training
+from glm5_ref.training.data import bits_per_byte, build_splits, eval_windows, evaluate, token_byte_lengths, uniform_bpb
+from glm5_ref.apps.demo import complete, plot_expert_load, plot_training
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.moe import MoE
-from glm5_ref.muon import build_optimizer
+from glm5_ref.training.optim import build_optimizer
 from glm5_ref.tokenizer import decode
-from glm5_ref.train import (lr_factor, parse_dsa_schedule, read_log, read_trainer_state, resolve_config,
-                            set_dsa_stage, stage_at, train, train_step)
+from glm5_ref.training.checkpoint import read_log, read_trainer_state
+from glm5_ref.training.engine import lr_factor, set_dsa_stage, train_step
+from glm5_ref.training.options import parse_dsa_schedule, resolve_config, stage_at
+from glm5_ref.training.run import train
 
 torch.manual_seed(0)
 FIGURES = Path("..") / "figures"
@@ -111,13 +113,14 @@ print("its bias after the step:       ", [round(x, 4) for x in moes[0].gate.e_sc
 # the package
 train_step(b, opt_b, batch)
 assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-print("by hand == glm5_ref.train.train_step (weights and router biases, bit for bit)")
+print("by hand == glm5_ref.training.engine.train_step (weights and router biases, bit for bit)")
 
 # %% [markdown]
 # ## What each DSA stage trains
 #
-# `set_dsa_stage` flips every `DSAAttention` (the main layers' and the MTP layer's) and, for the warm-up, freezes
-# everything but the indexers. Count the parameters that receive a gradient in each stage:
+# `set_dsa_stage` sets the model's execution (`model.set_execution(sparse=..., detach_indexer_input=...)`, which
+# every layer, the MTP layer's included, reads in its forward) and, for the warm-up, freezes everything but the
+# indexers. Count the parameters that receive a gradient in each stage:
 
 # %%
 T_LONG = 40  # longer than the tiny config's index_topk = 4, so sparse attention really selects keys

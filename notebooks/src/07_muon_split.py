@@ -28,9 +28,12 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Image, Markdown, display
 
-from glm5_ref.experiments import muon_split as ms
+from glm5_ref.apps import experiments
+from glm5_ref.apps.experiments import gqa as gqa_mod
+from glm5_ref.apps.experiments import muon_split as ms
 from glm5_ref.mla import MLA
-from glm5_ref.muon import NS_COEFFICIENTS, build_optimizer, muon_update, newton_schulz
+from glm5_ref.muon import NS_COEFFICIENTS, muon_update, newton_schulz
+from glm5_ref.training.optim import build_optimizer
 
 t_notebook = time.perf_counter()
 torch.manual_seed(0)

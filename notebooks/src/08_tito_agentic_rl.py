@@ -32,8 +32,8 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Image, display
 
-from glm5_ref.agentic import (AsyncRLLoop, LoopConfig, ToolUseEnv, run_rollout, success_rate, toy_config,
-                              warm_start)
+from glm5_ref.apps.agentic import AsyncRLLoop, LoopConfig
+from glm5_ref.apps.tool_env import ToolUseEnv, run_rollout, success_rate, toy_config, warm_start
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.rl import double_sided_is_loss, grpo_icepop_loss, sequence_logprobs
 from glm5_ref.tito import TITOGateway, retokenization_trap

@@ -4,13 +4,13 @@
 # Notebooks 01 and 02 showed **what** GLM-5's attention computes: MLA caches one 576-wide row per token
 # (a 512-wide latent plus a 64-wide RoPE key), and DSA's lightning indexer picks the top-k = 2048 of those rows
 # for every query. This notebook shows **how** that is made fast. We derive the sparse MLA forward kernel in
-# Triton from its PyTorch twin, `DSAAttention.attend_gathered`, one step at a time:
+# Triton from its PyTorch twin, `MLA.attend_gathered`, one step at a time:
 #
 # 1. the twin, and the one query-token slice of it that a kernel program computes;
 # 2. the same slice with an **online softmax** over blocks of selected keys (FlashAttention's trick), in plain
 #    PyTorch;
 # 3. the Triton kernel: the loop of step 2, with gathers by index and `tl.dot`, run in Triton's **CPU
-#    interpreter**, checked against the twin and against `kernels.sparse_mla`;
+#    interpreter**, checked against the twin and against `glm5_kernels.sparse_mla`;
 # 4. the roofline: why MLA **decode** is memory-bound at a few heads and compute-bound at GLM-5's, and where
 #    the crossover lies on an H100 and an H200 (datasheet numbers);
 # 5. the other kernels in `kernels/` and what has been measured.
@@ -42,7 +42,7 @@ from IPython.display import Image, display
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSAAttention
-from kernels.sparse_mla import absorbed_sparse_attention, flops_bytes, sparse_mla_fwd
+from glm5_kernels.sparse_mla import absorbed_sparse_attention, flops_bytes, sparse_mla_fwd
 
 t_notebook = time.perf_counter()
 torch.manual_seed(0)
@@ -83,7 +83,7 @@ query_pos = torch.arange(S - T, S)
 idx = torch.stack([torch.randperm(int(p) + 1)[:K] for p in query_pos])[None]  # (1, T, K)
 idx[0, 2] = -1  # a query whose selection is empty: the twin returns zeros
 with torch.no_grad():
-    u_twin = attn.attend_gathered(q_nope, q_rope, latent, k_rope, query_pos, idx)  # (B, T, H, V)
+    u_twin, _ = attn.attend_gathered(q_nope, q_rope, latent, k_rope, query_pos, idx)  # (B, T, H, V)
     w_uk, w_uv = attn.absorbed_weights()
     q_abs = torch.cat([torch.einsum("bthn,hnc->bthc", q_nope, w_uk), q_rope], -1)  # (B, T, H, C + P)
     rows = torch.cat([latent, k_rope], -1)  # (B, S, C + P): the cache in FlashMLA's layout
@@ -222,7 +222,7 @@ print(f"derived kernel vs twin: rel err {checks['derived Triton kernel == attend
       f"({T} programs in the interpreter: {t_interp * 1e3:.0f} ms, i.e. not a speed measurement)")
 
 # %% [markdown]
-# The package kernel, `kernels.sparse_mla.sparse_mla_fwd`, is this program plus a batch axis, fp16/bf16
+# The package kernel, `glm5_kernels.sparse_mla.sparse_mla_fwd`, is this program plus a batch axis, fp16/bf16
 # loads (cast to fp32 in the interpreter), the log-sum-exp output, and a **split over K** for decode: with one
 # query token per sequence there are only $B \cdot H / \text{BLOCK\_H}$ programs, too few to fill 132 SMs, so
 # each token's K indices are divided among `num_splits` programs, each writes a partial output and its
@@ -234,10 +234,10 @@ o_pkg = sparse_mla_fwd(q_abs, rows, idx, attn.scale, d_v=C)
 o_split = sparse_mla_fwd(q_abs, rows, idx, attn.scale, d_v=C, num_splits=3, block_k=4)
 with torch.no_grad():
     u_pkg = absorbed_sparse_attention(q_nope, q_rope, latent, k_rope, idx, w_uk, w_uv, attn.scale)
-checks["derived kernel == kernels.sparse_mla"] = (rel(o_kernel, o_pkg), 1e-6)
+checks["derived kernel == glm5_kernels.sparse_mla"] = (rel(o_kernel, o_pkg), 1e-6)
 checks["split-K decode == one pass"] = (rel(o_split, o_pkg), 1e-6)
 checks["kernels wrapper == attend_gathered"] = (rel(u_pkg, u_twin), 1e-5)
-for name in ("derived kernel == kernels.sparse_mla", "split-K decode == one pass", "kernels wrapper == attend_gathered"):
+for name in ("derived kernel == glm5_kernels.sparse_mla", "split-K decode == one pass", "kernels wrapper == attend_gathered"):
     print(f"{name:38s} rel err {checks[name][0]:.1e}")
 
 # %% [markdown]
@@ -316,16 +316,16 @@ display(Image("../figures/09_mla_decode_roofline.png"))
 # | kernel (`kernels/`) | what | twin in `glm5_ref` | GLM-5 shape for the GPU goal | GPU time |
 # |---|---|---|---|---|
 # | `indexer.indexer_topk` | fused $q \cdot k$, ReLU, weighted head sum, causal top-k (bitonic merge) | `Indexer.scores` + `select_topk` | 4096 queries, 32K keys, 32 heads x 128, k = 2048 | not yet measured on a GPU |
-# | `sparse_mla.sparse_mla_fwd` | this notebook's kernel (+ batch, split-K decode) | `DSAAttention.attend_gathered` | 4096 queries, 32K keys, k = 2048, 128 heads, 576/512 | not yet measured on a GPU |
+# | `sparse_mla.sparse_mla_fwd` | this notebook's kernel (+ batch, split-K decode) | `MLA.attend_gathered` | 4096 queries, 32K keys, k = 2048, 128 heads, 576/512 | not yet measured on a GPU |
 # | `moe_gemm.moe_experts` | grouped GEMM over expert segments, SwiGLU epilogue | `MoE` (grouped / loop) | 32K tokens, d 2048, I 768, E 128, top-8 | not yet measured on a GPU |
 # | `newton_schulz.xxt` / `ns5_step` | $XX^\top$ on one triangle of tiles; NS5 step | `muon.newton_schulz` | 4096 x 4096, 8192 x 8192 | not yet measured on a GPU |
 #
-# `python -m kernels.bench` times them on a GPU (TFLOP/s, GB/s, fraction of the measured ceilings, ratio to
+# `python -m glm5_kernels.bench` times them on a GPU (TFLOP/s, GB/s, fraction of the measured ceilings, ratio to
 # the twin and to `torch.compile` of it); on a CPU it runs the correctness checks below and says that timings
 # need a GPU.
 
 # %%
-from kernels.bench import correctness_checks  # noqa: E402
+from glm5_kernels.bench import correctness_checks  # noqa: E402
 
 t0 = time.perf_counter()
 rows_ok = correctness_checks(DEVICE, dtypes=[torch.float32])

@@ -35,7 +35,8 @@ from IPython.display import Image, display
 
 from glm5_ref import tokenizer as tok
 from glm5_ref.config import GLM5Config
-from glm5_ref.experiments import long_context as lc
+from glm5_ref.apps.experiments import long_context as lc
+from glm5_ref.apps.experiments import long_context_task as lct
 
 t_notebook = time.perf_counter()
 torch.manual_seed(0)
@@ -63,17 +64,17 @@ FIG = Path("../figures")
 
 # %%
 streams = lc.filler_streams()
-ex = lc.make_example(np.random.default_rng(0), 512, 2, streams["val"])
+ex = lct.make_example(np.random.default_rng(0), 512, 2, streams["val"])
 ids = ex["ids"]
 
 
 def show(i: int) -> str:
-    if i == lc.SEP:
+    if i == lct.SEP:
         return " <SEP> "
-    if lc.KEY0 <= i < lc.VAL0:
-        return f" <k{i - lc.KEY0}> "
-    if i >= lc.VAL0:
-        return f" <v{(i - lc.VAL0) // lc.VALUES_PER_KEY}.{(i - lc.VAL0) % lc.VALUES_PER_KEY}> "
+    if lct.KEY0 <= i < lct.VAL0:
+        return f" <k{i - lct.KEY0}> "
+    if i >= lct.VAL0:
+        return f" <v{(i - lct.VAL0) // lct.VALUES_PER_KEY}.{(i - lct.VAL0) % lct.VALUES_PER_KEY}> "
     return tok.decode([i])
 
 
@@ -125,8 +126,8 @@ print(f"GLM-5 at 128K, k = 2048: dense / DSA = {g['speedup']:.1f}x (indexer incl
 # ## 3. The recipe, live (small)
 #
 # The four models of the experiment, in the order GLM-5 trains them. Every stage is
-# `glm5_ref.experiments.long_context.train_stage`, which flips the DSA switches with
-# `glm5_ref.train.set_dsa_stage`:
+# `glm5_ref.apps.experiments.long_context.train_stage`, which flips the DSA switches with
+# `glm5_ref.training.run.set_dsa_stage`:
 #
 # | model | how | attention at evaluation |
 # |---|---|---|
@@ -157,7 +158,7 @@ width = 0.38
 for j, L in enumerate(demo_size["lengths"]):
     ax.bar(np.arange(len(order)) + (j - 0.5) * width, [demo["accuracy"][n][L]["mean"] for n in order], width,
            label=f"{L} tokens")
-ax.axhline(1 / lc.VALUES_PER_KEY, color="gray", ls=":", label="chance")
+ax.axhline(1 / lct.VALUES_PER_KEY, color="gray", ls=":", label="chance")
 ax.set_xticks(np.arange(len(order)), ["(a) dense", "(b) warm-up", "(c) DSA", "(d) recency", "(d') random"])
 ax.set_ylabel("NIAH recall")
 ax.set_title(f"live demo: k = {demo_cfg.index_topk}, one seed, 16 needles per length")

@@ -33,7 +33,7 @@ def interpreter_active():
         import triton.language.standard as tl_standard
         from triton.runtime.interpreter import InterpretedFunction
 
-        from kernels.indexer import _indexer_scores_kernel
+        from glm5_kernels.indexer import _indexer_scores_kernel
         for fn in (_indexer_scores_kernel, tl_standard._indicator):
             if not isinstance(fn, InterpretedFunction):
                 pytest.fail(f"{fn} was defined before TRITON_INTERPRET=1 was set (triton was imported first): "

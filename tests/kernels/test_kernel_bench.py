@@ -18,9 +18,9 @@ def test_glm5_ref_does_not_import_triton():
 
 def test_bench_cpu_path_writes_rows(tmp_path):
     """On CPU: the correctness checks pass in the interpreter, a row says timings need a GPU, JSON written.
-    On a GPU the same checks run compiled (the timings take minutes: `python -m kernels.bench` by hand)."""
-    from glm5_ref.bench.kernels import run as bench_run
-    from kernels import bench
+    On a GPU the same checks run compiled (the timings take minutes: `python -m glm5_kernels.bench` by hand)."""
+    from glm5_ref.apps.bench.kernels import run as bench_run
+    from glm5_kernels import bench
 
     rows = bench.run(quick=True, out_dir=tmp_path, timings=False)
     data = json.loads((tmp_path / "kernels_bench.json").read_text())
@@ -39,9 +39,9 @@ def test_bench_cpu_path_writes_rows(tmp_path):
 
 def test_bench_module_exits_zero_on_cpu(tmp_path):
     if torch.cuda.is_available():
-        return  # the GPU run takes minutes: run `python -m kernels.bench` by hand
+        return  # the GPU run takes minutes: run `python -m glm5_kernels.bench` by hand
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}  # it must set it itself
-    p = subprocess.run([sys.executable, "-m", "kernels.bench", "--out", str(tmp_path)], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "glm5_kernels.bench", "--out", str(tmp_path)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "needs a CUDA GPU" in p.stdout and "all passed" in p.stdout

@@ -10,7 +10,7 @@ from kernel_utils import DEVICE, DTYPES, TOL, randn, rel
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSAAttention, DSACache, Indexer, select_topk
-from kernels.indexer import indexer_scores, indexer_topk
+from glm5_kernels.indexer import indexer_scores, indexer_topk
 
 
 def twin(J: int, I: int) -> Indexer:
@@ -65,11 +65,11 @@ def test_topk_chunks_scored_in_pieces(nan_empty, T, S, topk):
 
 
 def test_dsa_use_triton_selects_what_the_twin_selects(monkeypatch):
-    """DSAAttention.use_triton (fused indexer top-k + sparse MLA kernel) in a cached prefill + decode."""
-    import kernels.indexer
-    import kernels.sparse_mla
+    """DSAAttention's use_triton (fused indexer top-k + sparse MLA kernel) in a cached prefill + decode."""
+    import glm5_kernels.indexer
+    import glm5_kernels.sparse_mla
     calls = []
-    for mod, name in ((kernels.indexer, "indexer_topk"), (kernels.sparse_mla, "absorbed_sparse_attention")):
+    for mod, name in ((glm5_kernels.indexer, "indexer_topk"), (glm5_kernels.sparse_mla, "absorbed_sparse_attention")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     cfg = dataclasses.replace(GLM5Config.tiny(), index_topk=5)
@@ -78,20 +78,21 @@ def test_dsa_use_triton_selects_what_the_twin_selects(monkeypatch):
     x = torch.randn(2, 11, cfg.hidden_size, device=DEVICE)
     with torch.no_grad():
         outs = []
+        sels = []
         for flag in (False, True):
-            m.use_triton = flag
             cache = DSACache.for_config(cfg, 2, 16, device=DEVICE)
-            y1 = m(x[:, :9], positions=torch.arange(9, device=DEVICE), cache=cache, absorbed=True)
-            sel = m._selected
-            y2 = m(x[:, 9:10], positions=torch.arange(9, 10, device=DEVICE), cache=cache, absorbed=True)
-            outs.append((y1, y2))
+            r1 = m.attend(x[:, :9], positions=torch.arange(9, device=DEVICE), cache=cache, absorbed=True,
+                          sparse_impl="gathered", use_triton=flag)
+            y2 = m(x[:, 9:10], positions=torch.arange(9, 10, device=DEVICE), cache=cache, absorbed=True,
+                   sparse_impl="gathered", use_triton=flag)
+            outs.append((r1.out, y2))
+            sels.append(r1.key_indices)
         assert rel(outs[1][0], outs[0][0]) < 1e-5 and rel(outs[1][1], outs[0][1]) < 1e-5
     assert calls.count("indexer_topk") == 2 and calls.count("absorbed_sparse_attention") == 2  # the kernels ran
-    m.use_triton = True
-    y, kl = m(x, indexer_loss=True)  # training: the PyTorch path (the kernels have no backward)
-    y.sum().backward()
-    assert torch.isfinite(kl) and m.kv_b_proj.weight.grad is not None
-    assert sel is None or sel.shape[-1] == cfg.index_topk
+    res = m.attend(x, indexer_loss=True, use_triton=True)  # training: the PyTorch path (the kernels have no backward)
+    res.out.sum().backward()
+    assert torch.isfinite(res.indexer_loss) and m.kv_b_proj.weight.grad is not None
+    assert sels[1].shape[-1] == cfg.index_topk and torch.equal(sels[0], sels[1])
 
 
 def test_bad_inputs():

@@ -11,7 +11,7 @@ from kernel_utils import DEVICE, DTYPES, TOL, randn, rel
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.moe import MoE
-from kernels.moe_gemm import grouped_gemm, moe_experts, swiglu_gate_up, tile_table
+from glm5_kernels.moe_gemm import grouped_gemm, moe_experts, swiglu_gate_up, tile_table
 
 
 def segments(seed: int, S: int, E: int) -> torch.Tensor:
@@ -68,11 +68,11 @@ def test_swiglu_and_experts(nan_empty, S, d, I, E, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_use_triton_equals_twin(dtype, monkeypatch):
-    """MoE.use_triton under no_grad equals impl="grouped" and "loop"; with gradients it falls back."""
-    import kernels.moe_gemm
+    """MoE(use_triton=True) under no_grad equals impl="grouped" and "loop"; with gradients it falls back."""
+    import glm5_kernels.moe_gemm
     calls = []
-    real = kernels.moe_gemm.moe_experts
-    monkeypatch.setattr(kernels.moe_gemm, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = glm5_kernels.moe_gemm.moe_experts
+    monkeypatch.setattr(glm5_kernels.moe_gemm, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = dataclasses.replace(GLM5Config.tiny(), hidden_size=20, moe_intermediate_size=12, n_routed_experts=6,
                               num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -80,11 +80,10 @@ def test_moe_use_triton_equals_twin(dtype, monkeypatch):
     x = randn(3, 2, 9, 20, dtype=dtype)
     with torch.no_grad():
         ref = m(x, impl="loop")
-        m.use_triton = True
-        y = m(x)
+        y = m(x, use_triton=True)
     assert calls and rel(y, ref) < TOL[dtype]
     n = len(calls)
-    y = m(x)  # gradients wanted: the PyTorch path (the kernels have no backward)
+    y = m(x, use_triton=True)  # gradients wanted: the PyTorch path (the kernels have no backward)
     y.float().sum().backward()
     assert len(calls) == n and m.experts[0].down_proj.weight.grad is not None
 

@@ -8,7 +8,7 @@ from kernel_utils import DEVICE, DTYPES, TOL, randn, rel
 
 from glm5_ref.muon import Muon
 from glm5_ref.muon import newton_schulz as ns_twin
-from kernels.newton_schulz import NS_COEFFICIENTS, matmul, newton_schulz, ns5_step, xxt
+from glm5_kernels.newton_schulz import NS_COEFFICIENTS, matmul, newton_schulz, ns5_step, xxt
 
 
 @settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -62,7 +62,7 @@ def test_ns5_step_is_the_quintic():
 
 def test_use_triton_flags(monkeypatch):
     """newton_schulz(use_triton=True) and Muon(use_triton=True) run the kernels and equal the twin."""
-    import kernels.newton_schulz as kns
+    import glm5_kernels.newton_schulz as kns
     calls = []
     real = kns.newton_schulz
     monkeypatch.setattr(kns, "newton_schulz", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -94,3 +94,11 @@ def test_bad_inputs():
         matmul(randn(0, 4, 5), randn(1, 4, 5))
     with pytest.raises(ValueError, match="contiguous"):
         xxt(randn(0, 6, 4).T)
+
+
+def test_kernel_and_twin_share_the_quintic_coefficients():
+    """The kernel module keeps its own copy (it imports nothing of glm5_ref): the two must stay equal."""
+    import glm5_kernels.newton_schulz as kns
+    from glm5_ref.muon import NS_COEFFICIENTS
+
+    assert kns.NS_COEFFICIENTS == NS_COEFFICIENTS

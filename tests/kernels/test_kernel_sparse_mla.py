@@ -1,4 +1,4 @@
-"""kernels.sparse_mla against its twin glm5_ref.dsa.DSAAttention.attend_gathered (CPU: Triton interpreter)."""
+"""kernels.sparse_mla against its twin glm5_ref.mla.MLA.attend_gathered (CPU: Triton interpreter)."""
 
 import dataclasses
 import math
@@ -11,7 +11,7 @@ from kernel_utils import DEVICE, DTYPES, TOL, randn, rel
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSAAttention
-from kernels.sparse_mla import absorbed_sparse_attention, combine_splits, sparse_mla, sparse_mla_fwd
+from glm5_kernels.sparse_mla import absorbed_sparse_attention, combine_splits, sparse_mla, sparse_mla_fwd
 
 
 def random_indices(seed: int, B: int, T: int, S: int, K: int, start: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_equals_attend_gathered(nan_empty, T, K, dtype, seed):
     args = (randn(seed, B, T, 3, 5, dtype=dtype), randn(seed + 1, B, T, 3, cfg.qk_rope_head_dim, dtype=dtype),
             randn(seed + 2, B, S, 13, dtype=dtype), randn(seed + 3, B, S, cfg.qk_rope_head_dim, dtype=dtype))
     with torch.no_grad():
-        ref = m.attend_gathered(*args, torch.arange(start, S, device=DEVICE), idx)
+        ref = m.attend_gathered(*args, torch.arange(start, S, device=DEVICE), idx)[0]
         w_uk, w_uv = m.absorbed_weights()
         out = absorbed_sparse_attention(*args, idx, w_uk, w_uv, m.scale)
     assert out.dtype == dtype and rel(out, ref) < TOL[dtype]
@@ -117,7 +117,7 @@ def test_backward_through_absorbed_equals_attend_gathered():
             w_uk, w_uv = m.absorbed_weights()
             out = absorbed_sparse_attention(*args, idx, w_uk, w_uv, m.scale)
         else:
-            out = m.attend_gathered(*args, torch.arange(S - T, S, device=DEVICE), idx)
+            out = m.attend_gathered(*args, torch.arange(S - T, S, device=DEVICE), idx)[0]
         g = torch.autograd.grad((out * randn(9, *out.shape)).sum(), [*args, m.kv_b_proj.weight])
         grads.append(g)
     assert all(rel(a, b) < 1e-5 for a, b in zip(grads[1], grads[0]))

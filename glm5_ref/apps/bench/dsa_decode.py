@@ -9,7 +9,7 @@ see the same context. Timed side by side, interleaved repeat by repeat (the mach
 
     dsa_ms       DSAAttention(absorbed=True), sparse, sparse_impl="gathered": the indexer scores all L + 1
                  keys, torch.topk keeps 2048, absorbed attention runs over the 2048 gathered latents
-    dense_ms     the same module with .sparse = False: absorbed attention over all L + 1 latents (the
+    dense_ms     the same module with sparse=False: absorbed attention over all L + 1 latents (the
                  indexer only caches the new token's key: it scores nothing unless asked for its loss)
     mla_ms       plain MLA sharing the same weights (no indexer at all): the dense model one would deploy
     indexer_ms   the indexer alone: its projections, scores over all keys, select_topk
@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from glm5_ref.bench import timeit
+from glm5_ref.apps.bench import timeit
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSAAttention, DSACache, select_topk
 from glm5_ref.mla import MLA
@@ -129,8 +129,8 @@ def run(quick: bool = False) -> list[dict]:
             S, pos = L + 1, torch.tensor([L])  # keys seen by the new token; its position
 
             def step(module: torch.nn.Module, sparse: bool = True, impl: str = "gathered") -> torch.Tensor:
-                dsa.sparse, dsa.sparse_impl = sparse, impl
-                out = module(x, cache=cache, absorbed=True)  # appends the token at slot L ...
+                options = dict(sparse=sparse, sparse_impl=impl) if module is dsa else {}
+                out = module(x, cache=cache, absorbed=True, **options)  # appends the token at slot L ...
                 cache.truncate(L)  # ... and forgets it: every call sees the same L cached tokens
                 return out
 
@@ -151,16 +151,15 @@ def run(quick: bool = False) -> list[dict]:
             idx = indexer_step()
 
             def attn_dsa() -> torch.Tensor:
-                return dsa.attend_gathered(q_nope, q_rope, latent, k_rope, pos, indexer_step())
+                return dsa.attend_gathered(q_nope, q_rope, latent, k_rope, pos, indexer_step())[0]
 
             def attn_dense() -> torch.Tensor:
-                return mla.attend_absorbed(q_nope, q_rope, latent, k_rope, pos, None)
+                return mla.attend_absorbed(q_nope, q_rope, latent, k_rope, pos, None)[0]
 
             ms = interleaved({
                 "dense": lambda: step(dsa, sparse=False), "mla": lambda: step(mla), "dsa": lambda: step(dsa),
                 "indexer": indexer_step, "attn_dense": attn_dense, "attn_dsa": attn_dsa,
             }, repeats)
-            dsa.sparse, dsa.sparse_impl = True, "gathered"
             assert idx.shape == (1, 1, k) and bool((idx >= 0).all())
             proj_mla, proj_dsa = projection_macs(config, False), projection_macs(config, True)
             core_dense, core_dsa = attention_core_macs(config, S, False), attention_core_macs(config, S, True)

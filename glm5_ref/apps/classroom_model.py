@@ -7,18 +7,17 @@ finds one, or trains one in a bounded number of minutes:
     2. runs/spec_bench/X/   a model this module trained before (X = "full" or "quick");
     3. otherwise it trains one (``train_mtp_model``) and saves it to runs/spec_bench/X/ for the next time.
 
-The training loop is deliberately small and self-contained (train.py is the full trainer, with DSA stages,
-evaluation and exact resume): the shipped corpus's training split (``tokenizer.corpus_split``, by document),
-encoded and joined with EOT; random windows of seq_len + 1 tokens; AdamW (0.9, 0.95, weight decay 0.1) with a
-5% warm-up and a cosine to 10% that ends with the time budget; per step
+The training runs on the engine (training/engine.py ``Trainer``; training/run.py is the full classroom run,
+with evaluation, checkpoints and exact resume): the shipped corpus's training split (``tokenizer.corpus_split``,
+by document), encoded and joined with EOT; random windows of seq_len + 1 tokens (data.BatchSampler); AdamW
+(0.9, 0.95, weight decay 0.1) with a 5% warm-up and a cosine to 10% that ends with the time budget; per step
 
     loss = out.loss = L_LM + L_bal + (lambda / 3) * (L_MTP^1 + L_MTP^2 + L_MTP^3)     (model.py, mtp.py)
     clip the gradient norm at 1; AdamW step; model.update_router_biases(out.tokens_per_expert)
 
-Attention is dense MLA (``sparse = False`` in every DSAAttention, the "dense" stage of train.py): the indexer is
-not trained here, and an untrained indexer would pick the keys of sequences longer than index_topk at random.
-The choice is stored as ``"attention": "dense"`` in trainer_state.json, as train.py does, so
-train.load_model reads these checkpoints too. Paths are relative to the repository root, not the working
+Attention is dense MLA (the "dense" DSA stage, Execution(sparse=False)): the indexer is not trained here, and an
+untrained indexer would pick the keys of sequences longer than index_topk at random. The choice is stored as
+``"attention": "dense"`` in trainer_state.json, as run.py does, so training.run.load_model reads these too. Paths are relative to the repository root, not the working
 directory (notebooks run in notebooks/).
 """
 
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -35,22 +33,14 @@ import torch
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.model import GLM5ForCausalLM
+from glm5_ref.training.data import BatchSampler
+from glm5_ref.training.engine import Trainer, set_dsa_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs"
 CLASSROOM_RUN = RUNS / "classroom"
 SPEC_BENCH_RUN = RUNS / "spec_bench"
 INFO_FILE = "trainer_state.json"
-
-
-def set_attention(model: GLM5ForCausalLM, attention: str) -> GLM5ForCausalLM:
-    """"dense" (plain MLA) or "sparse" (the indexer's top-k) in every DSAAttention, MTP layer included."""
-    if attention not in ("dense", "sparse"):
-        raise ValueError(f"attention: expected 'dense' or 'sparse', got {attention!r}")
-    for module in model.modules():
-        if hasattr(module, "sparse") and hasattr(module, "indexer"):
-            module.sparse = attention == "sparse"
-    return model
 
 
 def corpus_stream(split: str = "train") -> torch.Tensor:
@@ -89,47 +79,37 @@ def train_mtp_model(config: GLM5Config, minutes: float, max_steps: int | None = 
                     seq_len: int = 256, lr: float = 2e-3, seed: int = 0, progress: bool = True,
                     stream: torch.Tensor | None = None) -> tuple[GLM5ForCausalLM, dict]:
     """Train ``config`` (with its MTP layer, 3 depths) for ``minutes`` of wall time (or ``max_steps`` steps,
-    whichever comes first) on ``stream`` (default: the corpus's training split). Returns (model in eval mode,
-    info dict with steps, tokens, seconds and the last losses)."""
+    whichever comes first) on ``stream`` (default: the corpus's training split), on the training engine with
+    dense attention. Returns (model in eval mode, info dict with steps, tokens, seconds and the last losses)."""
     if config.num_nextn_predict_layers < 1:
         raise ValueError("config: expected num_nextn_predict_layers >= 1 (a model with an MTP layer)")
     if not minutes > 0:
         raise ValueError(f"minutes: expected a number > 0, got {minutes!r}")
     stream = corpus_stream("train") if stream is None else stream
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = set_attention(GLM5ForCausalLM(config), "dense").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    budget, t0, step, last = minutes * 60.0, time.perf_counter(), 0, {}
-    offsets = torch.arange(seq_len + 1)  # (T + 1,)
+    model = GLM5ForCausalLM(config).train()
+    set_dsa_stage(model, "dense")
+    sampler = BatchSampler(stream, batch_size, seq_len, seed=seed)
+    budget, t0, last = minutes * 60.0, time.perf_counter(), {}
+
+    def run_progress(step: int) -> float:  # of the run, 0 .. 1: by the clock, or by the steps when capped
+        return max((time.perf_counter() - t0) / budget, step / max_steps if max_steps else 0.0)
+
+    trainer = Trainer(model, "adamw", lr, progress=run_progress)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=int(budget), desc="training (s)", leave=False)
-    while True:
-        elapsed = time.perf_counter() - t0
-        if elapsed >= budget or (max_steps is not None and step >= max_steps):
-            break
-        p = max(elapsed / budget, step / max_steps if max_steps else 0.0)  # progress of the run, 0 .. 1
-        factor = p / 0.05 if p < 0.05 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (p - 0.05) / 0.95))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(factor, 0.01)
-        starts = torch.randint(0, stream.numel() - seq_len, (batch_size,), generator=gen)  # (B,)
-        batch = stream[starts[:, None] + offsets]  # (B, T + 1): input and labels (the model shifts)
-        out = model(batch, labels=batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_router_biases(out.tokens_per_expert)
-        step += 1
+    while time.perf_counter() - t0 < budget and (max_steps is None or trainer.step_count < max_steps):
+        out = trainer.step(sampler.next()).out
         last = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
                 "mtp_losses": [round(x.item(), 4) for x in out.mtp_losses]}
         if bar is not None:
             bar.n = min(int(time.perf_counter() - t0), int(budget))
-            bar.set_postfix(step=step, lm=f"{last['lm_loss']:.3f}", mtp1=f"{last['mtp_losses'][0]:.3f}")
+            bar.set_postfix(step=trainer.step_count, lm=f"{last['lm_loss']:.3f}", mtp1=f"{last['mtp_losses'][0]:.3f}")
     if bar is not None:
         bar.close()
+    step = trainer.step_count
     info = {"attention": "dense", "finished": True, "step": step, "tokens": step * batch_size * seq_len,
             "elapsed_s": round(time.perf_counter() - t0, 1), "last": last,
             "args": {"config": config.name, "minutes": minutes, "max_steps": max_steps, "batch_size": batch_size,
@@ -159,7 +139,7 @@ def load_trained(path: str | os.PathLike) -> tuple[GLM5ForCausalLM, dict] | None
     model = GLM5ForCausalLM.from_pretrained(ckpt)
     if model.mtp is None:
         return None
-    set_attention(model, "sparse" if info.get("attention") == "sparse" else "dense")
+    model.set_execution(sparse=info.get("attention") == "sparse")
     return model.eval(), {**info, "path": os.path.relpath(ckpt, ROOT)}
 
 

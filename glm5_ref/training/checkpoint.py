@@ -4,7 +4,7 @@
                          training_state.pt (optimizer, sampler, RNG, step ...), trainer_state.json (readable facts)
     out_dir/log.jsonl    one JSON line per step and per evaluation
 A checkpoint is written into checkpoint.tmp-stage/ and swapped with checkpoint/ by renames, so a crash leaves
-the previous one (possibly at checkpoint.tmp-old/, which find_checkpoint also finds). train.py drives it.
+the previous one (possibly at checkpoint.tmp-old/, which find_checkpoint also finds). run.py drives it.
 """
 
 from __future__ import annotations
@@ -62,6 +62,27 @@ def save_checkpoint(out_dir: Path, model: GLM5ForCausalLM, state: dict, info: di
     os.replace(stage, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class RunLog:
+    """out_dir/log.jsonl, one JSON object per line, appended as the run goes (a no-op writer when not
+    ``enabled``: the data-parallel ranks other than 0)."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled = Path(out_dir) / LOG_FILE, enabled
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def clear(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def truncate(self, step: int) -> None:
+        if self.enabled:
+            truncate_log(self.path, step)
 
 
 def truncate_log(log_path: Path, step: int) -> None:

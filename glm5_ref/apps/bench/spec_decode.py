@@ -5,8 +5,8 @@ there is one, else the model cached in runs/spec_bench/, else one trained now (6
 smaller model) and cached. Random weights would accept no draft, so they are never used.
 
 Protocol: code prompts of 96 tokens from held-out documents (the validation split of the corpus); for each,
-``model.generate(prompt, 256)`` (plain: one main forward per token) and ``model.generate(prompt, 256,
-draft_steps=3, return_stats=True)`` (speculative), back to back in alternating order, ``repeats`` times.
+``model.generate(prompt, 256)`` (plain: one main forward per token) and ``speculative_generate(model, prompt,
+256, 3)`` (speculative), back to back in alternating order, ``repeats`` times.
     plain_tok_s, spec_tok_s   new tokens / wall seconds, summed over prompts and repeats; speedup = their ratio
     speedup_range             min and max of the per-pair ratios (the machines are shared: this is the noise)
     speedup_cpu_time          the same ratio in process CPU seconds (all threads): less sensitive to other load
@@ -33,9 +33,10 @@ import time
 
 import torch
 
-from glm5_ref.bench import timeit
-from glm5_ref.classroom_ckpt import code_prompts, trained_model
+from glm5_ref.apps.bench import timeit
+from glm5_ref.apps.classroom_model import code_prompts, trained_model
 from glm5_ref.dsa import DSACache
+from glm5_ref.speculative import speculative_generate
 
 DRAFT_STEPS = 3
 
@@ -58,10 +59,11 @@ def step_costs(model, prompt: torch.Tensor, context: int, verify_tokens=(DRAFT_S
     mtp_cache = DSACache.for_config(model.config, 1, context + 1, dtype=out.logits.dtype)
     hidden = model.model.norm(out.hidden_states)  # (1, context, D)
     emb = model.model.embed_tokens(ids)
-    model.mtp.step(hidden[:, :-1], emb[:, 1:], cache=mtp_cache, absorbed=True)  # MTP cache: context - 1 positions
+    decode = model.execution.replace(absorbed=True)
+    model.mtp.step(hidden[:, :-1], emb[:, 1:], cache=mtp_cache, execution=decode)  # MTP cache: context - 1 positions
 
     def mtp_step():
-        h, _, _ = model.mtp.step(hidden[:, -1:], emb[:, -1:], cache=mtp_cache, absorbed=True)
+        h = model.mtp.step(hidden[:, -1:], emb[:, -1:], cache=mtp_cache, execution=decode).hidden
         model.mtp.logits(h, model.lm_head)[0, -1].argmax()
         mtp_cache.truncate(context - 1)
 
@@ -78,7 +80,7 @@ def run(quick: bool = False, use_classroom: bool = True) -> dict:
     prompts = code_prompts(n_prompts, prompt_len)
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.generate(prompts[0][:, :16], 4)
-        model.generate(prompts[0][:, :16], 8, draft_steps=DRAFT_STEPS)
+        speculative_generate(model, prompts[0][:, :16], 8, DRAFT_STEPS)
     t_plain = t_spec = 0.0
     identical, accept, rounds, ratios, cpu = True, [], 0, [], {"plain": 0.0, "spec": 0.0}
     tries, accepts = [0] * DRAFT_STEPS, [0] * DRAFT_STEPS
@@ -90,7 +92,7 @@ def run(quick: bool = False, use_classroom: bool = True) -> dict:
                 if kind == "plain":
                     results[kind] = model.generate(prompt, new)
                 else:
-                    results[kind] = model.generate(prompt, new, draft_steps=DRAFT_STEPS, return_stats=True)
+                    results[kind] = speculative_generate(model, prompt, new, DRAFT_STEPS)
                 times[kind] = time.perf_counter() - t0
                 cpu[kind] += time.process_time() - c0
             t_plain, t_spec = t_plain + times["plain"], t_spec + times["spec"]

@@ -65,7 +65,7 @@ def format_table(rows: list[dict]) -> str:
 def run_benchmark(name: str, as_json: bool = False, quick: bool = False) -> dict | list[dict]:
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark {name!r}: expected one of {sorted(BENCHMARKS)}")
-    module = importlib.import_module(f"glm5_ref.bench.{name.replace('-', '_')}")
+    module = importlib.import_module(f"glm5_ref.apps.bench.{name.replace('-', '_')}")
     result = module.run(quick=quick)
     rows = result if isinstance(result, list) else [result]
     print(f"# bench {name}: {BENCHMARKS[name]}")

@@ -10,7 +10,7 @@ What it measures (GLM-5 report section 2.1, glm5_spec.md section 7)
         muon_split  MLA attention, as muon but q_b_proj / kv_b_proj orthogonalized per head (glm5_ref.muon)
         gqa_muon    the MLA module swapped for ``GQA`` below (grouped-query attention), hidden matrices Muon
 
-    and records, per seed: the validation bits-per-byte curve (glm5_ref.data.evaluate on fixed windows), the
+    and records, per seed: the validation bits-per-byte curve (glm5_ref.training.data.evaluate on fixed windows), the
     spread across heads of the per-head update RMS of the attention up-projections (MLA arms), and the largest
     causal attention logit q.k * scale seen in the training batch (every arm). From these:
 
@@ -32,19 +32,16 @@ Choices where the paper and the issue are silent (the paper does not give the pr
       attention, and MoE routing noise would hide it), no MTP, no DSA indexer (dense MLA; at T = 128 the
       indexer's top-k would select everything anyway). Each layer's self_attn is replaced by ``TrackedMLA``
       (glm5_ref.mla.MLA plus a record of its largest logit) or by ``GQA``.
-    * GQA-8: 8 KV groups for the 16 query heads (2 query heads share a KV head), the same per-head dims as MLA
-      (q/k 24 = 16 position-free + 8 rotated by RoPE, the partial rotary of GLM's GQA models; v 16), no
-      low-rank compression. Its cache is 8 * (24 + 16) = 320 values per token against MLA's 32 + 8 = 40 (8x;
-      the paper's 2048 vs 576 is 3.6x) and it has more attention parameters. Same softmax scale 1/sqrt(24).
+    * GQA-8: 8 KV groups for the 16 query heads, MLA's per-head dims, no low-rank compression (gqa.py).
     * The gap "under Muon Split" compares MLA + Muon Split with GQA-8 + (plain) Muon, as the paper's Table 1
       does; GQA is not itself trained with Muon Split.
     * Learning rates: every arm gets the same sweep (peak lr in LR_GRID, one tuning seed TUNE_SEED not among
       the reported seeds, a third of the step count with the schedule compressed to it, to fit the CPU
       budget); when the best lr is at an edge of the values tried, the grid is extended past that edge by its
-      ratio (2.5), at most MAX_GRID_EXTENSIONS times, the same rule for every arm. Each arm's lr with the
-      lowest final val bpb is then run on the reported seeds. Finished sweep runs are kept in
-      <out>/muon_split_sweep.json, so an interrupted full run resumes its sweep. The AdamW part of the Muon arms (embeddings, head, norms) uses the same lr (Muon's
-      "match_rms_adamw" scale is designed for that). Weight decay 0.1, betas (0.9, 0.95), momentum 0.95
+      ratio (2.5), at most MAX_GRID_EXTENSIONS (2) times, the same rule for every arm (experiments.tune_lr). Each arm's lr with the
+      lowest final val bpb is then run on the reported seeds (finished sweep runs are kept in
+      <out>/muon_split_sweep.json: an interrupted full run resumes its sweep). The AdamW part of the Muon arms
+      (embeddings, head, norms) uses the same lr (Muon's "match_rms_adamw" scale is designed for that). Weight decay 0.1, betas (0.9, 0.95), momentum 0.95
       Nesterov, grad clipping at norm 1, linear warm-up over 5% of the steps then cosine to 10% of the peak.
       The sweep and the final runs use the same validation windows (there is no third split); the sweep's
       numbers are in the JSON.
@@ -54,9 +51,8 @@ Choices where the paper and the issue are silent (the paper does not give the pr
 Not handled: distributed training, the MLA-256 variant of Table 1, downstream benchmarks (we report validation
 bits per byte, the classroom corpus has no HellaSwag), a held-out tuning split.
 
-Run: ``python -m glm5_ref experiment muon-split [--quick] [--out DIR] [--seeds 0,1]``. The full run writes
-figures/muon_split.json and figures/muon_split.png; --quick (a tiny model, a few steps, no sweep) writes under
---out. References: GLM-5 report (arXiv 2602.15763) section 2.1 and Table 1; Moonlight (arXiv 2502.16982).
+Run: ``python -m glm5_ref experiment muon-split [--quick] [--out DIR] [--seeds 0,1]``: the full run writes
+figures/muon_split.json and .png; --quick (a tiny model, a few steps, no sweep) writes under --out. References: GLM-5 report (arXiv 2602.15763) section 2.1 and Table 1; Moonlight (arXiv 2502.16982).
 """
 
 from __future__ import annotations
@@ -70,16 +66,13 @@ import time
 from pathlib import Path
 
 import torch
-from einops import rearrange
-from torch import nn
 
+from glm5_ref.apps.experiments import tune_lr, write_json
+from glm5_ref.apps.experiments.gqa import attention_modules, build_model, default_kv_groups
 from glm5_ref.config import GLM5Config
-from glm5_ref.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
-from glm5_ref.experiments import write_json
-from glm5_ref.layers import apply_rope
-from glm5_ref.mla import MLA, allowed_keys, attention_core
-from glm5_ref.model import GLM5ForCausalLM
-from glm5_ref.muon import build_optimizer
+from glm5_ref.mla import MLA
+from glm5_ref.training.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
+from glm5_ref.training.engine import Trainer
 
 STEM = "muon_split"
 ARMS = {  # arm -> (attention, optimizer)
@@ -90,15 +83,13 @@ ARMS = {  # arm -> (attention, optimizer)
 }
 LR_GRID = (2e-3, 5e-3, 1.25e-2)
 TUNE_SEED = 100
-MAX_GRID_EXTENSIONS = 2  # lr values added past the grid's edge when an edge wins
 WEIGHT_DECAY = 0.1
 WARMUP = 0.05
 MIN_LR_RATIO = 0.1
 GRAD_CLIP = 1.0
-# Axes: B batch, T tokens, H query heads, G KV groups, E q/k head dim, V value head dim, D hidden.
 
 
-# ---- the model ----------------------------------------------------------------------------------------------
+# ---- the model (its attention arms: gqa.py) -------------------------------------------------------------------
 def experiment_config(quick: bool = False) -> GLM5Config:
     """The scaled-down model (module docstring): dense FFN, no MTP; quick mode is smaller still."""
     base = GLM5Config.classroom()
@@ -111,134 +102,6 @@ def experiment_config(quick: bool = False) -> GLM5Config:
                                num_attention_heads=16, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
                                qk_rope_head_dim=8, v_head_dim=16, intermediate_size=384,
                                first_k_dense_replace=2, num_nextn_predict_layers=0)
-
-
-def causal_max_logit(scores: torch.Tensor) -> torch.Tensor:
-    """Largest entry of scaled logits (B, H, T, S) among the causal (allowed) keys, the queries being the last T
-    positions of the S keys."""
-    T, S = scores.shape[-2:]
-    allowed = allowed_keys(torch.arange(S - T, S, device=scores.device), S)  # (T, S)
-    return scores.detach().float().masked_fill(~allowed, float("-inf")).amax()
-
-
-class TrackedMLA(MLA):
-    """glm5_ref.mla.MLA (dense) that keeps the largest causal logit of its last expanded forward in
-    ``max_logit`` while ``track`` is True (a scalar tensor; None otherwise)."""
-
-    def __init__(self, config: GLM5Config, layer_idx: int = 0):
-        super().__init__(config, layer_idx)
-        self.track, self.max_logit = False, None
-
-    def attend_expanded(self, q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs=False):
-        if self.track:  # recompute the logits the parent forms (one extra einsum, only on tracked steps)
-            kv = rearrange(self.kv_b_proj(latent), "b s (h f) -> b s h f", h=self.num_heads)  # (B, S, H, N + V)
-            k_nope = kv[..., :self.nope_dim]  # (B, S, H, N)
-            scores = (torch.einsum("bthn,bshn->bhts", q_nope, k_nope)
-                      + torch.einsum("bthp,bsp->bhts", q_rope, k_rope)) * self.scale  # (B, H, T, S)
-            self.max_logit = causal_max_logit(scores)
-        return super().attend_expanded(q_nope, q_rope, latent, k_rope, query_pos, key_indices, return_probs)
-
-
-class GQA(nn.Module):
-    """Grouped-query attention with partial RoPE, a drop-in for MLA in a DecoderLayer:
-    ``forward(x, positions=None, cache=None, absorbed=False) -> (B, T, D)``.
-
-    q_h = W^Q_h x (E dims: ``nope`` position-free then ``rope`` rotated), k_g, v_g = W^K_g x, W^V_g x for
-    G = ``n_kv_groups`` groups; query head h reads group h // (H / G). out = W^O [softmax(q k^T * scale) v]_h.
-    No cache (training only); ``muon_blocks`` gives the per-head row blocks of q/k/v_proj for Muon Split.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, n_kv_groups: int, nope_dim: int, rope_dim: int,
-                 v_dim: int, rope_theta: float = 10_000.0, rope_interleave: bool = True):
-        super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("n_kv_groups", n_kv_groups),
-                            ("v_dim", v_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GQA {name}: expected a positive integer, got {value!r}")
-        if num_heads % n_kv_groups:
-            raise ValueError(f"GQA n_kv_groups: expected a divisor of num_heads = {num_heads}, got {n_kv_groups}")
-        if nope_dim < 0 or rope_dim < 0 or rope_dim % 2 or nope_dim + rope_dim < 1:
-            raise ValueError(f"GQA nope_dim, rope_dim: expected nope >= 0 and an even rope >= 0 with a positive "
-                             f"sum, got {nope_dim}, {rope_dim}")
-        self.num_heads, self.n_kv_groups = num_heads, n_kv_groups
-        self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
-        self.head_dim = nope_dim + rope_dim
-        self.scale = self.head_dim ** -0.5
-        self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, n_kv_groups * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, n_kv_groups * v_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * v_dim, hidden_size, bias=False)
-        self.track, self.max_logit = False, None
-
-    @classmethod
-    def from_config(cls, config: GLM5Config, n_kv_groups: int) -> "GQA":
-        """A GQA with MLA's per-head dims (q/k = nope + rope, v) and the config's RoPE settings."""
-        return cls(config.hidden_size, config.num_attention_heads, n_kv_groups, config.qk_nope_head_dim,
-                   config.qk_rope_head_dim, config.v_head_dim, config.rope_theta, config.rope_interleave)
-
-    def muon_blocks(self) -> dict[str, list[tuple[int, int]]]:
-        """One row block per head of q_proj and per KV group of k_proj and v_proj."""
-        def per(rows: int, n: int) -> list[tuple[int, int]]:
-            return [(i * rows, (i + 1) * rows) for i in range(n)]
-        return {"q_proj.weight": per(self.head_dim, self.num_heads),
-                "k_proj.weight": per(self.head_dim, self.n_kv_groups),
-                "v_proj.weight": per(self.v_dim, self.n_kv_groups)}
-
-    def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if not self.rope_dim:
-            return t
-        nope, rope = t.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, h, N), (B, T, h, P)
-        return torch.cat([nope, apply_rope(rope, positions, self.rope_theta, self.rope_interleave)], dim=-1)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None, absorbed: bool = False,
-                key_indices: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is not None or key_indices is not None:
-            raise ValueError("GQA: cache and key_indices are not supported (training-only baseline); pass None")
-        D = self.q_proj.in_features
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D or x.shape[1] < 1:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"GQA x: expected shape (B, T, {D}) with T >= 1, got {shape}")
-        B, T, _ = x.shape
-        positions = torch.arange(T, device=x.device) if positions is None else positions
-        q = rearrange(self.q_proj(x), "b t (h e) -> b t h e", h=self.num_heads)  # (B, T, H, E)
-        k = rearrange(self.k_proj(x), "b t (g e) -> b t g e", g=self.n_kv_groups)  # (B, T, G, E)
-        v = rearrange(self.v_proj(x), "b t (g v) -> b t g v", g=self.n_kv_groups)  # (B, T, G, V)
-        q, k = self._rope(q, positions), self._rope(k, positions)
-        rep = self.num_heads // self.n_kv_groups
-        k = k.repeat_interleave(rep, dim=2)  # (B, T, H, E): head h reads group h // rep
-        v = v.repeat_interleave(rep, dim=2)  # (B, T, H, V)
-        scores = torch.einsum("bthe,bshe->bhts", q, k) * self.scale  # (B, H, T, T)
-        if self.track:
-            self.max_logit = causal_max_logit(scores)
-        out = attention_core(scores, v, torch.arange(T, device=x.device))  # (B, T, H, V), causal
-        return self.o_proj(rearrange(out, "b t h v -> b t (h v)"))  # (B, T, D)
-
-
-def build_model(config: GLM5Config, attention: str = "mla", n_kv_groups: int | None = None,
-                seed: int = 0) -> GLM5ForCausalLM:
-    """GLM5ForCausalLM(config) with every layer's self_attn replaced by TrackedMLA ("mla") or GQA ("gqa", with
-    ``n_kv_groups`` groups, default min(8, heads)), all weights drawn from N(0, initializer_range) under ``seed``."""
-    if attention not in ("mla", "gqa"):
-        raise ValueError(f"build_model attention: expected 'mla' or 'gqa', got {attention!r}")
-    G = n_kv_groups if n_kv_groups is not None else default_kv_groups(config)
-    torch.manual_seed(seed)
-    model = GLM5ForCausalLM(config)
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn = TrackedMLA(config, i) if attention == "mla" else GQA.from_config(config, G)
-    torch.manual_seed(seed)
-    model._init_weights()  # the swapped-in modules get the same init as the rest (RMSNorm gains stay at one)
-    return model
-
-
-def default_kv_groups(config: GLM5Config) -> int:
-    """8 KV groups (GQA-8), or as many as the head count allows (the largest divisor of H that is <= 8)."""
-    H = config.num_attention_heads
-    return max(g for g in range(1, min(8, H) + 1) if H % g == 0)
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
 
 
 # ---- per-head update RMS --------------------------------------------------------------------------------------
@@ -269,26 +132,17 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 # ---- training ----------------------------------------------------------------------------------------------
-def lr_factor(progress: float) -> float:
-    """Linear warm-up over WARMUP of the run, then cosine down to MIN_LR_RATIO."""
-    p = min(max(progress, 0.0), 1.0)
-    if p < WARMUP:
-        return p / WARMUP
-    t = (p - WARMUP) / (1 - WARMUP)
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def train_arm(arm: str, lr: float, seed: int, config: GLM5Config, data: dict, steps: int, batch_size: int,
               seq_len: int, eval_every: int, track_every: int) -> dict:
-    """Train one arm with one seed; return its curves (see run())."""
+    """Train one arm with one seed on the training engine (the same schedule for every arm); return its curves."""
     if arm not in ARMS:
         raise ValueError(f"train_arm arm: expected one of {sorted(ARMS)}, got {arm!r}")
     if not lr > 0:
         raise ValueError(f"train_arm lr: expected a number > 0, got {lr!r}")
     attention, opt_name = ARMS[arm]
     model = build_model(config, attention, seed=seed)
-    opt = build_optimizer(model, opt_name, lr, weight_decay=WEIGHT_DECAY)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    trainer = Trainer(model, opt_name, lr, weight_decay=WEIGHT_DECAY, total_steps=steps, warmup=WARMUP,
+                      min_lr_ratio=MIN_LR_RATIO, grad_clip=GRAD_CLIP)
     sampler = BatchSampler(data["train_ids"], batch_size, seq_len, seed=seed)  # same batches in every arm
     attns = attention_modules(model)
     blocks = [head_row_blocks(a) for a in attns] if attention == "mla" else None
@@ -307,30 +161,22 @@ def train_arm(arm: str, lr: float, seed: int, config: GLM5Config, data: dict, st
 
     run_eval(0)
     for step in range(1, steps + 1):
-        f = lr_factor(step / steps)  # step 1 already has a positive lr
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * f
         tracked = step == 1 or step % track_every == 0 or step == steps
         for a in attns:
             a.track = tracked
-        batch = sampler.next()  # (B, T + 1)
-        out = model(batch, labels=batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"{arm} seed {seed} lr {lr}: loss {out.loss.item()} at step {step}")
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        before = None
+        before = None  # the weights before this step (forward and backward leave them as they are)
         if tracked and blocks:
             before = [{n: getattr(a, n).weight.detach().clone() for n in ("q_b_proj", "kv_b_proj")} for a in attns]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        try:
+            res = trainer.step(sampler.next())  # (B, T + 1)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{arm} seed {seed} lr {lr}: {e} at step {step}") from None
         if tracked:
             track["step"].append(step)
-            track["train_loss"].append(out.lm_loss.item())
+            track["train_loss"].append(res.out.lm_loss.item())
             track["max_logit"].append(max(a.max_logit.item() for a in attns))
             if before is not None:
-                lr_now = base_lrs[0] * f  # every group has the same peak lr here
-                rms = [per_head_update_rms(b, {n: getattr(a, n).weight.detach() for n in b}, bl, lr_now,
+                rms = [per_head_update_rms(b, {n: getattr(a, n).weight.detach() for n in b}, bl, res.lr,
                                            WEIGHT_DECAY) for a, b, bl in zip(attns, before, blocks)]
                 for k in "qkv":
                     for m in ("cv", "max_over_min"):
@@ -401,25 +247,6 @@ def summarise(runs: dict, seeds: list[int]) -> dict:
             "head_update_rms_spread": spread_summary, "max_attention_logit": max_logit}
 
 
-def tune_lr(trial, lr_grid, max_extensions: int = MAX_GRID_EXTENSIONS) -> tuple[float, dict[float, float]]:
-    """Evaluate ``trial(lr)`` (lower is better) on the grid; while the best lr is at an edge of the values tried,
-    try one more beyond that edge (the grid's ratio), at most ``max_extensions`` times. Returns (best, tried)."""
-    grid = sorted(lr_grid)
-    if len(grid) < 2 or len(set(grid)) != len(grid):
-        raise ValueError(f"tune_lr lr_grid: expected at least two distinct learning rates, got {lr_grid!r}")
-    ratio = grid[1] / grid[0]
-    tried = {lr: trial(lr) for lr in grid}
-    for _ in range(max_extensions):  # the same rule for every arm: extend the grid past a winning edge
-        best = min(tried, key=tried.get)
-        if best == max(tried):
-            tried[best * ratio] = trial(best * ratio)
-        elif best == min(tried):
-            tried[best / ratio] = trial(best / ratio)
-        else:
-            break
-    return min(tried, key=tried.get), tried
-
-
 # ---- the figure -----------------------------------------------------------------------------------------------
 COLORS = {"adamw": "tab:gray", "muon": "tab:blue", "muon_split": "tab:red", "gqa_muon": "tab:green"}
 LABELS = {"adamw": "MLA + AdamW", "muon": "MLA + Muon", "muon_split": "MLA + Muon Split", "gqa_muon": "GQA-8 + Muon"}
@@ -488,7 +315,7 @@ def run(quick: bool = False, out_dir: str | None = None, seeds: list[int] | None
     """Sweep the lr of every arm on TUNE_SEED, train every arm on ``seeds`` at its best lr, write
     <out_dir>/muon_split.json and .png; return the JSON. quick: tiny model, 12 steps, one lr, no sweep.
     ``sweep_cache`` (default: on for full runs) reuses finished sweep runs stored in <out_dir>."""
-    from glm5_ref.experiments import default_out_dir
+    from glm5_ref.apps.experiments import default_out_dir
 
     seeds = list(seeds) if seeds is not None else [0, 1]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):

@@ -2,11 +2,12 @@
 
 Parts, in order
     1. the tour (tour.run_tour): GLM-5's parameter and cache budgets, from the config alone (seconds);
-    2. training: the classroom preset (MLA + DSA + 32-expert MoE + MTP, ~17M parameters) on the shipped
-       Python-stdlib corpus for about 7 minutes on 2 CPU cores (train.train); a finished run in runs/classroom/
+    2. training: the classroom preset (MLA + DSA + 32-expert MoE + MTP: 16.6M parameters with the MTP layer,
+       13.1M without) on the shipped Python-stdlib corpus for about 7 minutes on 2 CPU cores (training.run.train);
+       a finished run in runs/classroom/
        is reused instead (delete the folder, or pass --fresh, to train again); an interrupted one is resumed;
     3. code completions for a few Python prompts, greedy and sampled;
-    4. speculative decoding with the MTP layer (printed when model.generate supports drafting);
+    4. speculative decoding with the MTP layer (speculative.py);
     5. figures: figures/06_classroom_loss.png (loss and bits/byte), figures/06_classroom_expert_load.png;
     6. a summary table (parameters, tokens, wall time, validation bits/byte, a sample).
 
@@ -20,7 +21,6 @@ lower bits/byte (2.24 at fewer tokens), so GLM's 1e-3 stays. A full demo run rea
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -28,8 +28,10 @@ import time
 
 import torch
 
-from glm5_ref.train import (find_checkpoint, load_model, read_log, read_trainer_state, resolve_config,
-                            set_dsa_stage, train)
+from glm5_ref.speculative import speculative_generate
+from glm5_ref.training.checkpoint import find_checkpoint, read_log, read_trainer_state
+from glm5_ref.training.options import resolve_config
+from glm5_ref.training.run import load_model, train
 
 # The classroom recipe: what `make demo` and `python -m glm5_ref train` use unless told otherwise.
 DEMO_TRAIN = dict(
@@ -73,24 +75,15 @@ def complete(model, prompt: str, max_new_tokens: int = 48, temperature: float = 
 
 
 def speculative_stats(model, prompt: str, max_new_tokens: int = 48) -> dict | None:
-    """HOOK for speculative decoding with the MTP layer (mtp.py / speculative.py): when the model has an MTP
-    layer and model.generate accepts ``draft_steps``, draft 3 tokens per step and return the statistics it
-    reports (accept length ...). Returns None when that is not available."""
-    if getattr(model, "mtp", None) is None:
-        return None
-    if "draft_steps" not in inspect.signature(model.generate).parameters:
+    """Speculative decoding with the MTP layer (speculative.py), 3 drafts per round, greedy: accept length and
+    acceptance by depth. None when the model has no MTP layer."""
+    if model.mtp is None:
         return None
     from glm5_ref.tokenizer import encode
 
-    try:
-        _, stats = model.generate(torch.tensor([encode(prompt)]), max_new_tokens, draft_steps=3, return_stats=True)
-    except TypeError:  # an older generate without return_stats
-        return None
-    if isinstance(stats, dict):
-        return dict(stats)
-    summary = {"rounds": getattr(stats, "rounds", None), "accept_length": getattr(stats, "accept_length", None),
-               "acceptance_by_depth": getattr(stats, "depth_acceptance", None)}
-    return {k: v for k, v in summary.items() if v is not None} or {"stats": stats}
+    _, stats = speculative_generate(model, torch.tensor([encode(prompt)]), max_new_tokens, draft_steps=3)
+    return {"rounds": stats.rounds, "accept_length": stats.accept_length,
+            "acceptance_by_depth": stats.depth_acceptance}
 
 
 # ---- figures -----------------------------------------------------------------------------------------------
@@ -190,8 +183,8 @@ def run_demo(config: str = "classroom", minutes: float | None = None, steps: int
              out_dir: str = os.path.join("runs", "classroom"), figures_dir: str = "figures", fresh: bool = False,
              quick: bool = False, optimizer: str = "adamw", seed: int = 0, **overrides) -> dict:
     """The main job (see the module docstring). Returns the summary as a dict."""
-    from glm5_ref.data import build_splits, eval_windows, uniform_bpb
-    from glm5_ref.tour import run_tour
+    from glm5_ref.training.data import build_splits, eval_windows, uniform_bpb
+    from glm5_ref.apps.tour import run_tour
 
     t_start = time.perf_counter()
     cfg = resolve_config(config)  # ValueError for an unknown preset, before anything runs
@@ -246,11 +239,9 @@ def run_demo(config: str = "classroom", minutes: float | None = None, steps: int
         print(f"--- prompt {i + 1} ---\n{prompt}{b}{greedy}{e}\n--- sampled ---\n{prompt}{b}{sampled}{e}")
 
     print("\n" + "=" * 100 + "\n4. Speculative decoding with the MTP layer\n" + "=" * 100)
-    # HOOK: speculative decoding statistics (mtp.py / speculative.py). Printed when the model has an MTP layer
-    # and model.generate(prompt, n, draft_steps=3, return_stats=True) exists; skipped otherwise.
     stats = speculative_stats(model, prompts[0], n_new)
     if stats is None:
-        print("(not available yet in this version of model.generate: skipped)")
+        print("(this model has no MTP layer: skipped)")
     else:
         print(f"prompt: {prompts[0]!r}, {n_new} new tokens, greedy, 3 drafts per round from the MTP layer")
         for k, v in stats.items():

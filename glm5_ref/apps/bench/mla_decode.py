@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from glm5_ref.bench import timeit
+from glm5_ref.apps.bench import timeit
 from glm5_ref.config import GLM5Config
 from glm5_ref.mla import MLA, MLACache, attention_core
 
@@ -65,7 +65,7 @@ class ExpandedKVCache:
         L = self.length
         k, v = self.k[:, :, :L + 1], self.v[:, :, :L + 1]  # (B, H, S, E), (B, H, S, V): contiguous per head
         scores = torch.einsum("bthe,bhse->bhts", q, k) * mla.scale  # (B, H, 1, S)
-        return attention_core(scores, v.transpose(1, 2), torch.tensor([L]))  # values viewed as (B, S, H, V)
+        return attention_core(scores, v.transpose(1, 2), torch.tensor([L]))[0]  # values viewed as (B, S, H, V)
 
 
 def interleaved_medians(fns: list, repeats: int) -> list[float]:
@@ -111,7 +111,7 @@ def run(quick: bool = False) -> list[dict]:
             expanded_ms, absorbed_ms, attn_expanded_ms, attn_absorbed_ms = interleaved_medians([
                 lambda: expanded.step(mla, x), absorbed_step,
                 lambda: expanded.attend(mla, torch.cat([q_nope, q_rope], -1)),
-                lambda: mla.attend_absorbed(q_nope, q_rope, *prefix, pos, None)], repeats)
+                lambda: mla.attend_absorbed(q_nope, q_rope, *prefix, pos, None)[0]], repeats)
             S = L + 1
             rows.append({
                 "name": "mla-decode", "context": L,

@@ -4,7 +4,7 @@ An experiment is a longer measurement than a benchmark: it trains or simulates, 
 ``figures/<stem>.json`` (every number, per seed) and ``figures/<stem>.png``; ``--quick`` runs the same code at
 a size CI can afford (seconds to a minute) and writes into ``--out`` (default: a folder under runs/), so a
 quick run never overwrites the committed full results. An experiment lives in
-glm5_ref/experiments/<name with _>.py and defines
+glm5_ref/apps/experiments/<name with _>.py and defines
 
     def run(quick: bool = False, out_dir: str | None = None, seeds: list[int] | None = None) -> dict
 
@@ -24,7 +24,8 @@ EXPERIMENTS: dict[str, str] = {
     "rl-toy": "asynchronous agentic RL on a toy tool-use task, with and without staleness",
 }
 
-FIGURES_DIR = Path(__file__).resolve().parents[2] / "figures"
+MAX_GRID_EXTENSIONS = 2  # lr values added past a grid's edge when an edge wins (tune_lr)
+FIGURES_DIR = Path(__file__).resolve().parents[3] / "figures"
 
 
 def default_out_dir(name: str, quick: bool) -> Path:
@@ -49,7 +50,26 @@ def run_experiment(name: str, quick: bool = False, out_dir: str | None = None,
                    seeds: list[int] | None = None) -> dict:
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment {name!r}: expected one of {sorted(EXPERIMENTS)}")
-    module = importlib.import_module(f"glm5_ref.experiments.{name.replace('-', '_')}")
+    module = importlib.import_module(f"glm5_ref.apps.experiments.{name.replace('-', '_')}")
     if out_dir is None:
         out_dir = str(default_out_dir(name, quick))
     return module.run(quick=quick, out_dir=out_dir, seeds=seeds)
+
+
+def tune_lr(trial, lr_grid, max_extensions: int = MAX_GRID_EXTENSIONS) -> tuple[float, dict[float, float]]:
+    """Evaluate ``trial(lr)`` (lower is better) on the grid; while the best lr is at an edge of the values tried,
+    try one more beyond that edge (the grid's ratio), at most ``max_extensions`` times. Returns (best, tried)."""
+    grid = sorted(lr_grid)
+    if len(grid) < 2 or len(set(grid)) != len(grid):
+        raise ValueError(f"tune_lr lr_grid: expected at least two distinct learning rates, got {lr_grid!r}")
+    ratio = grid[1] / grid[0]
+    tried = {lr: trial(lr) for lr in grid}
+    for _ in range(max_extensions):  # the same rule for every arm: extend the grid past a winning edge
+        best = min(tried, key=tried.get)
+        if best == max(tried):
+            tried[best * ratio] = trial(best * ratio)
+        elif best == min(tried):
+            tried[best / ratio] = trial(best / ratio)
+        else:
+            break
+    return min(tried, key=tried.get), tried

@@ -1,5 +1,5 @@
 """Agentic RL at toy scale: GLM-5's asynchronous rollout/trainer loop, on the calculator task of tool_env.py
-(ToolUseEnv, run_rollout, warm_start, success_rate; re-exported here).
+(ToolUseEnv, run_rollout, warm_start, success_rate).
 
 The loop (GLM-5 section 4.1.1; glm5_spec.md section 8), ``AsyncRLLoop``:
     * rollout workers (threads), each with its own copy of the policy and its version, pull one rollout at a
@@ -21,12 +21,11 @@ The loop (GLM-5 section 4.1.1; glm5_spec.md section 8), ``AsyncRLLoop``:
     * mode="sync" issues the next batch only after the previous update: no overlap and zero staleness, the
       baseline for the benchmark and the "without staleness" run.
 
-Choices where the paper is silent: the task; threads instead of processes (torch releases the GIL in its
-kernels; the toy model is small); the unit of work is one rollout, not one group; padding repeats valid
-samples in order (cyclic); staleness is judged at the moment a batch is formed; AdamW (reset on push);
-gradient-norm clipping at 1.0.
-Not handled: multiple task types and their ratio control, DP-aware routing, processes / remote engines,
-persisting the replay state across restarts. Runs are not bit-reproducible (thread timing decides versions).
+Choices where the paper is silent: the task; threads instead of processes (torch releases the GIL in its kernels;
+the toy model is small); the unit of work is one rollout, not one group; padding repeats valid samples in order
+(cyclic); staleness is judged when a batch is formed; AdamW (reset on push); gradient-norm clipping at 1.0.
+Not handled: several task types and their ratio, DP-aware routing, processes / remote engines, persisting the
+replay state across restarts. Runs are not bit-reproducible (thread timing decides versions).
 """
 
 from __future__ import annotations
@@ -44,47 +43,31 @@ import torch
 
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.rl import double_sided_is_loss, group_advantages, reinforce_loss, sequence_logprobs
-from glm5_ref.tito import TITOGateway, Trajectory
+from glm5_ref.tito import TITOGateway, Trajectory, trajectories_to_batch
 from glm5_ref.tokenizer import PAD_ID
-from glm5_ref.tool_env import (EnvCrash, Task, ToolUseEnv, long_tail_latency, run_rollout, success_rate, toy_config,
-                               warm_start)
-
-
-def trajectories_to_batch(trajs: list[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, rollout_logprobs, loss_mask), each (N, T) right-padded with <|pad|> / 0 / 0. Right padding is
-    invisible to a causal model's real tokens."""
-    T = max(len(t.ids) for t in trajs)
-    ids = torch.full((len(trajs), T), PAD_ID, dtype=torch.long)  # (N, T)
-    lps = torch.zeros(len(trajs), T)
-    mask = torch.zeros(len(trajs), T)
-    for i, t in enumerate(trajs):
-        n = len(t.ids)
-        ids[i, :n], lps[i, :n], mask[i, :n] = torch.tensor(t.ids), torch.tensor(t.logprobs), torch.tensor(
-            t.loss_mask, dtype=torch.float32)
-    return ids, lps, mask
+from glm5_ref.apps.tool_env import EnvCrash, Task, ToolUseEnv, run_rollout
+from glm5_ref.training.engine import train_step
 
 
 def rl_step(model: GLM5ForCausalLM, optimizer: torch.optim.Optimizer, groups: list[list[Trajectory]],
             loss_type: str = "dis", eps_low: float = 0.2, eps_high: float = 0.28) -> dict:
-    """One update on complete groups: A = R - mean_group(R), loss = double-sided IS ("dis") or plain
-    REINFORCE on the rollout samples ("reinforce", no off-policy correction). Returns statistics."""
-    rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)  # (groups, G)
-    adv = group_advantages(rewards).reshape(-1)  # (N,)
-    trajs = [t for g in groups for t in g]
-    ids, rollout_lp, mask = trajectories_to_batch(trajs)
-    lp = sequence_logprobs(model(ids).logits, ids)  # (N, T)
-    if loss_type == "dis":
-        loss, stats = double_sided_is_loss(lp, rollout_lp, adv, mask, eps_low, eps_high)
-    elif loss_type == "reinforce":
-        loss = reinforce_loss(lp, adv, mask)
-        _, stats = double_sided_is_loss(lp.detach(), rollout_lp, adv, mask, eps_low, eps_high)  # stats only
-    else:
+    """One update on complete groups (engine.train_step with the RL objective): A = R - mean_group(R), loss =
+    double-sided IS ("dis") or plain REINFORCE on the rollout samples ("reinforce", no off-policy correction);
+    gradient norm clipped at 1. Returns statistics."""
+    if loss_type not in ("dis", "reinforce"):
         raise ValueError(f"loss_type: expected 'dis' or 'reinforce', got {loss_type!r}")
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), **stats}
+    rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)  # (groups, G)
+
+    def objective(net, trajs):
+        ids, rollout_lp, mask = trajectories_to_batch(trajs, PAD_ID)  # (N, T) each
+        lp = sequence_logprobs(net(ids).logits, ids)  # (N, T)
+        adv = group_advantages(rewards).reshape(-1)  # (N,)
+        loss, stats = double_sided_is_loss(lp if loss_type == "dis" else lp.detach(), rollout_lp, adv, mask,
+                                           eps_low, eps_high)
+        return (loss if loss_type == "dis" else reinforce_loss(lp, adv, mask)), stats
+
+    stats, loss, _ = train_step(model, optimizer, [t for g in groups for t in g], loss_fn=objective)
+    return {"loss": float(loss), "reward": float(rewards.mean()), **stats}
 
 
 # ---- the asynchronous loop ---------------------------------------------------------------------------------
@@ -256,7 +239,6 @@ class AsyncRLLoop:
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
-    # -- workers --
     def _spawn(self) -> None:
         w = RolloutWorker(len(self.workers), self)
         self.workers.append(w)
@@ -278,7 +260,6 @@ class AsyncRLLoop:
                 self.counts["workers_replaced"] += 1
                 self._spawn()
 
-    # -- groups --
     def _issue_group(self) -> None:
         g = _Group(self.next_group, self.env.sample_task(self.rng))
         self.groups[g.group_id] = g
@@ -348,7 +329,6 @@ class AsyncRLLoop:
             self.counts["groups_trained"] += 1
             self.counts["trained"] += self.cfg.group_size - c["padding"]
 
-    # -- main loop --
     def run(self) -> dict:
         cfg = self.cfg
         torch.set_num_threads(1)
@@ -418,8 +398,3 @@ class AsyncRLLoop:
                 self.optimizer = self._new_optimizer()
         if self.on_update is not None:
             self.on_update(record)
-
-
-__all__ = ["ToolUseEnv", "Task", "EnvCrash", "run_rollout", "warm_start", "success_rate", "rl_step",
-           "trajectories_to_batch", "LoopConfig", "AsyncRLLoop", "PolicyStore", "RolloutWorker",
-           "long_tail_latency", "toy_config"]

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from glm5_ref.agentic import (AsyncRLLoop, LoopConfig, ToolUseEnv, long_tail_latency, success_rate, toy_config,
-                              warm_start)
-from glm5_ref.experiments import write_json
+from glm5_ref.apps.agentic import AsyncRLLoop, LoopConfig
+from glm5_ref.apps.tool_env import ToolUseEnv, long_tail_latency, success_rate, toy_config, warm_start
+from glm5_ref.apps.experiments import write_json
 from glm5_ref.model import GLM5ForCausalLM
 
 FULL = dict(warm_steps=200, warm_lr=1e-2, updates=300, group_size=8, groups_per_update=2, eval_n=200,

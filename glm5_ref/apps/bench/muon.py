@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5_ref.config import GLM5Config
-from glm5_ref.muon import build_optimizer, head_blocks, kv_head_blocks, newton_schulz
+from glm5_ref.muon import head_blocks, kv_head_blocks, newton_schulz
+from glm5_ref.training.optim import build_optimizer
 
 
 def hidden_matrices(c: GLM5Config, tokens: int) -> list[tuple[str, tuple[int, int], int]]:
@@ -178,6 +179,6 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    from glm5_ref.bench import format_table
+    from glm5_ref.apps.bench import format_table
 
     print(format_table([run()]))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from glm5_ref.agentic import AsyncRLLoop, LoopConfig, ToolUseEnv, long_tail_latency, toy_config
+from glm5_ref.apps.agentic import AsyncRLLoop, LoopConfig
+from glm5_ref.apps.tool_env import ToolUseEnv, long_tail_latency, toy_config
 from glm5_ref.model import GLM5ForCausalLM
 
 # seconds per tool call: 0.1 + 0.05 * Pareto(1.5), capped at 2 s (mean ~0.25 s, 1 call in ~90 above 1 s)

@@ -28,6 +28,7 @@ from glm5_ref.config import GLM5Config
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.tito import TITOGateway, Trajectory
 from glm5_ref.tokenizer import EOT_ID, PAD_ID, SPECIAL_TOKENS, decode, encode
+from glm5_ref.training.engine import Trainer
 
 USER, ASSISTANT = SPECIAL_TOKENS["<|user|>"], SPECIAL_TOKENS["<|assistant|>"]
 OBSERVATION, TOOL_CALL, TOOL_RESULT = (SPECIAL_TOKENS["<|observation|>"], SPECIAL_TOKENS["<|tool_call|>"],
@@ -137,24 +138,23 @@ def run_rollout(policy: Callable[[], tuple[GLM5ForCausalLM, int]], env: ToolUseE
 # ---- supervised warm start, evaluation, latency ------------------------------------------------------
 def warm_start(model: GLM5ForCausalLM, env: ToolUseEnv, steps: int, batch_size: int = 32, lr: float = 3e-3,
                seed: int = 0) -> list[float]:
-    """Supervised steps on correct episodes (loss on the model's turns only). Returns the losses."""
+    """Supervised steps on correct episodes (loss on the model's turns only), on the training engine: AdamW
+    (betas 0.9, 0.999, no weight decay) at a constant lr, no clipping, the router left alone. Returns the losses."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        demos = [env.demonstration(env.sample_task(rng)) for _ in range(batch_size)]
+    trainer = Trainer(model, "adamw", lr, weight_decay=0.0, total_steps=max(steps, 1), warmup=0.0, min_lr_ratio=1.0,
+                      grad_clip=None, adamw_betas=(0.9, 0.999))
+
+    def objective(net, demos):
         T = max(len(ids) for ids, _ in demos)
-        ids = torch.full((batch_size, T), PAD_ID, dtype=torch.long)  # (B, T), right-padded
-        labels = torch.full((batch_size, T), -100, dtype=torch.long)
+        ids = torch.full((len(demos), T), PAD_ID, dtype=torch.long)  # (B, T), right-padded
+        labels = torch.full((len(demos), T), -100, dtype=torch.long)
         for i, (d, m) in enumerate(demos):
             ids[i, :len(d)] = torch.tensor(d)
             labels[i, :len(d)] = torch.tensor([t if keep else -100 for t, keep in zip(d, m)])
-        loss = model(ids, labels=labels).lm_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+        return net(ids, labels=labels).lm_loss, None
+
+    return [float(trainer.step([env.demonstration(env.sample_task(rng)) for _ in range(batch_size)],
+                               loss_fn=objective).loss) for _ in range(steps)]
 
 
 def success_rate(model: GLM5ForCausalLM, env: ToolUseEnv, n: int = 200, temperature: float = 1.0,

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from glm5_ref.bench import timeit
+from glm5_ref.apps.bench import timeit
 from glm5_ref.config import GLM5Config
 from glm5_ref.moe import MoE, sort_by_expert
 

@@ -1,0 +1,1 @@
+"""Applications built on the glm5_ref components."""
