@@ -254,7 +254,7 @@ class GLM5Config:
     def classroom(cls) -> "GLM5Config":
         """~13M parameters (~4M active): MLA + DSA + MoE + MTP that train on 2 CPU cores in minutes."""
         return cls(
-            name="classroom", vocab_size=4096, hidden_size=256, num_hidden_layers=4, max_position_embeddings=4096,
+            name="classroom", vocab_size=4112, hidden_size=256, num_hidden_layers=4, max_position_embeddings=4096,
             num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
             v_head_dim=32, rope_theta=10_000.0, index_n_heads=4, index_head_dim=32, index_topk=128,
             intermediate_size=768, first_k_dense_replace=1, moe_intermediate_size=128, n_routed_experts=32,

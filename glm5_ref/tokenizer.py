@@ -47,6 +47,8 @@ RANKS_PATH = ASSETS / "tokenizer" / "glm5_ref_bpe.tiktoken"
 META_PATH = ASSETS / "tokenizer" / "tokenizer.json"
 CORPUS_PATH = ASSETS / "corpus" / "python_stdlib.jsonl"
 MANIFEST_PATH = ASSETS / "corpus" / "MANIFEST.json"
+PRETRAIN_CORPUS_PATH = ASSETS / "corpus" / "python_stdlib_full.jsonl.gz"  # scripts/build_corpus.py --pretrain
+PRETRAIN_MANIFEST_PATH = ASSETS / "corpus" / "MANIFEST_full.json"
 
 # GPT-4 (cl100k) style split pattern with two changes for source code:
 # contractions only when no letter follows ('self' stays one word), and a
@@ -62,11 +64,18 @@ PAT_STR = "|".join([
     r"\s+",  # any other whitespace
 ])
 
-VOCAB_SIZE = 4096
-SPECIAL_TOKEN_NAMES = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
-                       "<|observation|>", "<|tool_call|>", "<|tool_result|>")
-NUM_MERGEABLE = VOCAB_SIZE - len(SPECIAL_TOKEN_NAMES)  # 4088 = 256 bytes + 3832 merges
+NUM_MERGEABLE = 4088  # the rank file: 256 byte tokens + 3832 merges
 NUM_MERGES = NUM_MERGEABLE - 256
+# Special tokens, each one id that ordinary text can never produce. The first eight are the project's own (ids
+# 4088-4095, unchanged since the tokenizer was trained); then the tokens of GLM-5's chat template that those do not
+# already cover (glm5_ref/chat.py renders them; <|system|>, <|user|>, <|assistant|>, <|observation|> are shared),
+# and four reserved ids, so that the vocabulary is 4112 = 257 x 16.
+SPECIAL_TOKEN_NAMES = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                       "<|observation|>", "<|tool_call|>", "<|tool_result|>",
+                       "[gMASK]", "<sop>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>",
+                       "</arg_key>", "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>",
+                       "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>")
+VOCAB_SIZE = NUM_MERGEABLE + len(SPECIAL_TOKEN_NAMES)  # 4112
 SPECIAL_TOKENS = {name: NUM_MERGEABLE + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
 EOT_ID = SPECIAL_TOKENS["<|endoftext|>"]
 PAD_ID = SPECIAL_TOKENS["<|pad|>"]
@@ -145,6 +154,44 @@ def corpus_documents(path: str | Path | None = None,
                          f"{expected} (from {manifest_path.name}), got {actual}")
     with open(path, encoding="utf-8") as f:
         return [(d["path"], d["text"]) for d in map(json.loads, f)]
+
+
+def pretrain_documents() -> list[tuple[str, str]]:
+    """The pretraining corpus (every pure-Python file of the standard library, tests included; 1,602 documents,
+    29 MB) as (path, text) pairs, after checking the sha256 of the compressed file and of its content."""
+    import gzip
+
+    manifest = json.loads(PRETRAIN_MANIFEST_PATH.read_text(encoding="utf-8"))
+
+    def check(what: str, blob: bytes, key: str) -> None:
+        if hashlib.sha256(blob).hexdigest() != manifest[key]:
+            raise ValueError(f"pretraining corpus {PRETRAIN_CORPUS_PATH}: the {what} is corrupted or modified "
+                             f"(sha256 does not match {PRETRAIN_MANIFEST_PATH.name}); restore it from git or "
+                             "rebuild it with python scripts/build_corpus.py --pretrain")
+
+    data = PRETRAIN_CORPUS_PATH.read_bytes()
+    check("compressed file", data, "gz_sha256")  # before decompressing: a truncated file fails here, clearly
+    raw = gzip.decompress(data)
+    check("content", raw, "jsonl_sha256")
+    return [(d["path"], d["text"]) for d in map(json.loads, raw.decode("utf-8").splitlines())]
+
+
+def _split_fraction(path: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{path}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def corpus_split3(documents, validation_fraction: float = 0.025, test_fraction: float = 0.025, seed: int = 0):
+    """(train, validation, test) documents, split on a hash of each path (as corpus_split): a document's place
+    never depends on the others, and no text is in two splits."""
+    if not (0 < validation_fraction and 0 < test_fraction and validation_fraction + test_fraction < 1):
+        raise ValueError(f"validation_fraction, test_fraction: expected positive fractions summing below 1, got "
+                         f"{validation_fraction!r}, {test_fraction!r}")
+    u = {p: _split_fraction(p, seed) for p, _ in documents}
+    val = [d for d in documents if u[d[0]] < validation_fraction]
+    test = [d for d in documents if validation_fraction <= u[d[0]] < validation_fraction + test_fraction]
+    train = [d for d in documents if u[d[0]] >= validation_fraction + test_fraction]
+    return train, val, test
 
 
 def _in_validation(path: str, validation_fraction: float, seed: int) -> bool:

@@ -1,4 +1,17 @@
-"""Build the classroom corpus from a fixed list of CPython standard-library files.
+"""Build the two shipped corpora from the CPython standard library (PSF-2.0): the classroom corpus (a fixed list
+of 176 modules, 3.7 MB: tests, notebooks, the tokenizer) and the pretraining corpus (every pure-Python file of
+Lib/, test suite included, about 29 MB: the recipe of the shipped classroom-base model, `--pretrain`).
+
+The pretraining corpus (``--pretrain``): every ``*.py`` under Lib/ except
+    * site-packages/ and __pycache__/ (not the standard library);
+    * encodings/ and pydoc_data/ (generated codec tables and help text, not code anyone writes);
+    * files that are not valid UTF-8, or larger than 320 KB (generated tables), or whose name says they are
+      broken on purpose (badsyntax_*, bad_coding*, bad_getattr*, *_bad*.py in test data folders);
+    * exact duplicates (by content: the first path in sorted order is kept).
+It is written compressed, one {"path", "text"} object per line, sorted by path: python_stdlib_full.jsonl.gz
+(gzip mtime 0, so the bytes are reproducible), with MANIFEST_full.json (license, counts, sha256 of the
+uncompressed jsonl and of the .gz). Documents are split into train / validation / test by a hash of their path
+(tokenizer.corpus_split3); the split is by document, so a module's text is never in two splits.
 
 The corpus is small (about 3.5 MB), redistributable (PSF-2.0) and looks like the
 kind of text a code model is trained on. Every source file is one document.
@@ -100,12 +113,87 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+FULL_NAME = "python_stdlib_full.jsonl.gz"
+SKIP_DIRS = {"site-packages", "__pycache__", "encodings", "pydoc_data"}
+MAX_BYTES = 320_000
+
+
+def broken_on_purpose(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(("badsyntax_", "bad_coding", "bad_getattr")) or (
+        "/test" in f"/{rel}" and "_bad" in name and "data" in rel)
+
+
+def pretrain_documents(stdlib: Path) -> tuple[list[tuple[str, str]], dict]:
+    """(path, text) of every kept file, sorted by path, and the counts of what was left out and why."""
+    kept, seen, skipped = [], set(), {"not utf-8": 0, "too large": 0, "broken on purpose": 0, "duplicate": 0,
+                                      "generated or not stdlib": 0}
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib).as_posix()
+        if SKIP_DIRS & set(rel.split("/")[:-1]):
+            skipped["generated or not stdlib"] += 1
+            continue
+        if broken_on_purpose(rel):
+            skipped["broken on purpose"] += 1
+            continue
+        data = path.read_bytes()
+        if len(data) > MAX_BYTES:
+            skipped["too large"] += 1
+            continue
+        try:
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError:
+            skipped["not utf-8"] += 1
+            continue
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in seen or not text.strip():
+            skipped["duplicate"] += 1
+            continue
+        seen.add(digest)
+        kept.append((rel, text))
+    return kept, skipped
+
+
+def build_pretrain(stdlib: Path, out: Path, version: str) -> None:
+    import gzip
+    import io
+
+    docs, skipped = pretrain_documents(stdlib)
+    raw = "".join(json.dumps({"path": p, "text": t}, ensure_ascii=False) + "\n" for p, t in docs).encode("utf-8")
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+        gz.write(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (FULL_NAME + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(out / FULL_NAME)
+    manifest = {
+        "name": "python_stdlib_full",
+        "description": "Every pure-Python file of the CPython standard library, test suite included, one document "
+                       "per file (see scripts/build_corpus.py for what is left out and why).",
+        "source": f"CPython {version} Lib/", "python_version": version, "license": "PSF-2.0",
+        "attribution": "Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved. "
+                       "Used under the PSF License Agreement, see LICENSE-PSF.txt.",
+        "file": FULL_NAME, "num_documents": len(docs), "skipped": skipped,
+        "total_text_bytes": sum(len(t.encode("utf-8")) for _, t in docs),
+        "jsonl_sha256": hashlib.sha256(raw).hexdigest(), "gz_bytes": len(buf.getvalue()),
+        "gz_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+    }
+    (out / "MANIFEST_full.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {FULL_NAME}: {len(docs)} documents, {manifest['total_text_bytes'] / 1e6:.1f} MB text, "
+          f"{manifest['gz_bytes'] / 1e6:.1f} MB compressed; skipped {skipped}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
                     help="CPython Lib directory to read (default: this interpreter's)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--pretrain", action="store_true", help="build the pretraining corpus instead")
     args = ap.parse_args()
+    if args.pretrain:
+        build_pretrain(args.stdlib, args.out, ".".join(map(str, sys.version_info[:3])))
+        return
 
     version = ".".join(map(str, sys.version_info[:3]))
     if version != EXPECTED_VERSION:

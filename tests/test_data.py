@@ -105,3 +105,25 @@ def test_eval_windows_fixed_and_non_overlapping():
     assert few[0, 0] == 0 and few[-1, -1] == 100
     with pytest.raises(ValueError, match="seq_len"):
         data.eval_windows(ids, seq_len=200)
+
+
+def test_the_pretraining_corpus_is_large_split_by_document_and_hash_checked(tmp_path, monkeypatch):
+    from glm5_ref import tokenizer as tok
+
+    docs = tok.pretrain_documents()
+    train, val, test = tok.corpus_split3(docs)
+    names = [{p for p, _ in part} for part in (train, val, test)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])  # by document, disjoint
+    assert len(train) + len(val) + len(test) == len(docs) == len({p for p, _ in docs}) >= 1500
+    assert any(p.startswith("test/") for p in names[0]) and "argparse.py" in set().union(*names)
+    splits = data.build_splits(corpus="pretrain")
+    assert len(splits.train) >= 5_000_000 and len(splits.val) > 50_000 and len(splits.test) > 50_000
+    assert splits.test.doc_names == [p for p, _ in test]
+    bad = tmp_path / "corpus.jsonl.gz"
+    raw = tok.PRETRAIN_CORPUS_PATH.read_bytes()
+    bad.write_bytes(raw[:-10] + bytes(10))
+    monkeypatch.setattr(tok, "PRETRAIN_CORPUS_PATH", bad)
+    with pytest.raises(ValueError, match="corrupted or modified.*build_corpus.py --pretrain"):
+        tok.pretrain_documents()
+    with pytest.raises(ValueError, match="corpus: expected one of"):
+        data.build_splits(corpus="wikipedia")

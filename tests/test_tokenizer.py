@@ -59,7 +59,7 @@ def test_tiktoken_matches_reference_bpe_on_a_document(split):
 
 def test_special_tokens_only_when_allowed(enc):
     assert tok.EOT_ID == tok.SPECIAL_TOKENS["<|endoftext|>"] == 4088
-    assert list(tok.SPECIAL_TOKENS.values()) == list(range(4088, 4096))
+    assert list(tok.SPECIAL_TOKENS.values()) == list(range(4088, 4112))  # the first 8 kept their ids
     for name, sid in tok.SPECIAL_TOKENS.items():
         assert tok.encode(name, allow_special=True) == [sid]
         assert tok.decode([sid]) == name
@@ -88,16 +88,16 @@ def test_named_loader_error_is_clear(monkeypatch):
 
 # --- vocabulary and shipped files --------------------------------------------------------------
 
-def test_vocab_is_exactly_4096_and_dense(enc):
-    assert enc.n_vocab == tok.VOCAB_SIZE == 4096
-    assert enc.max_token_value == 4095
+def test_vocab_is_exactly_4112_and_dense(enc):
+    assert enc.n_vocab == tok.VOCAB_SIZE == 4112 == 257 * 16
+    assert enc.max_token_value == 4111
     ranks = tok.read_ranks()
     assert sorted(ranks.values()) == list(range(4088))
     assert len(ranks) == 4088  # token bytes are unique
     for b in range(256):
         assert ranks[bytes([b])] == b  # rank of a single byte is its value
-    assert all(enc.decode_single_token_bytes(i) for i in range(4096))
-    assert set(tok.SPECIAL_TOKENS.values()) == set(range(4088, 4096))
+    assert all(enc.decode_single_token_bytes(i) for i in range(4112))
+    assert set(tok.SPECIAL_TOKENS.values()) == set(range(4088, 4112))
 
 
 def test_rank_file_agrees_with_metadata(monkeypatch):
@@ -108,7 +108,7 @@ def test_rank_file_agrees_with_metadata(monkeypatch):
     assert meta["ranks_sha256"] == tok.sha256_file(tok.RANKS_PATH)
     assert meta["corpus_sha256"] == manifest["sha256"] == tok.sha256_file(tok.CORPUS_PATH)
     assert meta["num_merges"] == tok.NUM_MERGES == 3832
-    assert meta["vocab_size"] == 4096 and meta["num_byte_tokens"] == 256
+    assert meta["vocab_size"] == 4112 and meta["num_byte_tokens"] == 256
     assert meta["pat_str"] == tok.PAT_STR
     assert meta["special_tokens"] == tok.SPECIAL_TOKENS
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local file, no cache

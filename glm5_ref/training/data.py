@@ -1,12 +1,15 @@
-"""The classroom corpus as token ids: caching, the train/validation split, random windows, evaluation.
+"""The shipped corpora as token ids: caching, the splits, random windows, evaluation.
 
 What it is
-    The shipped corpus (176 pure-Python modules of the CPython standard library, hash-checked by
-    ``tokenizer.corpus_documents``) is split BY DOCUMENT (``tokenizer.corpus_split``: a hash of each path
+    Two corpora ship with the project (hash-checked by the tokenizer module): "classroom", 176 pure-Python
+    modules of the CPython standard library (train / validation; tests, notebooks and quick runs use it), and
+    "pretrain", every pure-Python file of the standard library with its test suite (1,602 documents, 8.3M
+    training tokens; train / validation / test, ``tokenizer.corpus_split3``), on which the recipe trains the
+    shipped classroom-base model. Each corpus is split BY DOCUMENT (``tokenizer.corpus_split``: a hash of each path
     decides, so no file is ever in both halves), encoded with the project tokenizer, and each half becomes one
     token stream with the documents joined by EOT (``<|endoftext|>``):
 
-        stream = doc_1 EOT doc_2 EOT ... doc_n EOT                (uint16 ids, vocab 4096)
+        stream = doc_1 EOT doc_2 EOT ... doc_n EOT                (uint16 ids, vocab 4112)
 
     Training batches are random windows of T + 1 consecutive ids, (B, T + 1), whose starts are drawn with a
     seeded ``torch.Generator``; the model reads the window and predicts its last T tokens. The sampler's
@@ -21,7 +24,7 @@ Evaluation: validation loss in nats per token AND bits per byte
 
     The bytes of a token are the bytes it decodes to; EOT (a special token) counts 0 bytes but its loss is
     counted, which makes the number slightly pessimistic (a document boundary is not text). A uniform guess
-    over the 4096 ids costs ln(4096) nats per token, about 12 / 3.6 = 3.3 bits per byte on this corpus.
+    over the 4112 ids costs ln(4112) nats per token, about 12 / 3.6 = 3.3 bits per byte on this corpus.
     Evaluation always uses the same fixed windows: ``max_windows`` windows of T + 1 tokens spread evenly over
     the validation stream, whose scored parts (the last T tokens) never overlap; each scored token is predicted
     once, with 1 to T tokens of context. Numbers are comparable between runs with the same ``seq_len`` and
@@ -33,7 +36,7 @@ The cache
     tokenizer hash, written atomically (temporary file, then ``os.replace``): an edited corpus or a retrained
     tokenizer can never be served stale ids, and an interrupted write never leaves half a file.
 
-Not handled: other corpora than the shipped one (pass ``documents=`` to ``build_splits`` for your own list of
+Not handled: other corpora than the shipped ones (pass ``documents=`` to ``build_splits`` for your own list of
 (name, text) pairs), padding (every window is full), data-parallel sharding of the sampler.
 Axes: B batch, T tokens per window minus one, N tokens in a stream, V vocabulary.
 """
@@ -73,6 +76,7 @@ class Split:
 class CorpusSplits:
     train: Split
     val: Split
+    test: Split | None = None            # the held-out test documents ("pretrain" only)
     key: str = ""                        # the cache key (corpus sha256 + tokenizer hash)
     cache_path: str | None = None        # where the streams were cached (None: not cached)
     from_cache: bool = False             # True if read from the cache rather than encoded now
@@ -84,13 +88,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GLM5_REF_CACHE") or Path.home() / ".cache" / "glm5_ref")
 
 
-def cache_key(validation_fraction: float = 0.1, seed: int = 0) -> str:
+CORPORA = ("classroom", "pretrain")
+
+
+def cache_key(validation_fraction: float = 0.1, seed: int = 0, corpus: str = "classroom") -> str:
     """sha256 of the corpus file and of the tokenizer's rank file and settings (hashed now, ~20 ms, so an edited
     file can never hit an old cache entry), plus the split's parameters."""
-    corpus_sha = tok.sha256_file(tok.CORPUS_PATH)
+    corpus_sha = tok.sha256_file(tok.CORPUS_PATH if corpus == "classroom" else tok.PRETRAIN_CORPUS_PATH)
     tokenizer_sha = hashlib.sha256(tok.RANKS_PATH.read_bytes() + tok.META_PATH.read_bytes()).hexdigest()
     split = hashlib.sha256(f"{validation_fraction!r}:{seed}:{tok.EOT_ID}:v{CACHE_VERSION}".encode()).hexdigest()
-    return f"corpus-{corpus_sha[:16]}_tok-{tokenizer_sha[:16]}_split-{split[:8]}"
+    return f"{corpus}-{corpus_sha[:16]}_tok-{tokenizer_sha[:16]}_split-{split[:8]}"
 
 
 def encode_documents(documents: list[tuple[str, str]]) -> Split:
@@ -114,36 +121,43 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
 
 
 def build_splits(validation_fraction: float = 0.1, seed: int = 0, documents: list[tuple[str, str]] | None = None,
-                 use_cache: bool = True) -> CorpusSplits:
-    """Train and validation streams of the classroom corpus (cached), or of ``documents`` (never cached)."""
+                 use_cache: bool = True, corpus: str = "classroom") -> CorpusSplits:
+    """Train and validation (and, for "pretrain", test) streams of a shipped corpus (cached), or train and
+    validation of ``documents`` (never cached). The "pretrain" split is 2.5% / 2.5% of the documents for
+    validation / test whatever ``validation_fraction`` says."""
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction: expected a number in (0, 1), got {validation_fraction!r}")
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus: expected one of {CORPORA}, got {corpus!r}")
     if documents is not None:
         train, val = tok.corpus_split(validation_fraction, seed, documents=documents)
         return CorpusSplits(encode_documents(train), encode_documents(val))
-    key = cache_key(validation_fraction, seed)
+    names = ("train", "val") if corpus == "classroom" else ("train", "val", "test")
+    key = cache_key(validation_fraction if corpus == "classroom" else 0.025, seed, corpus)
     path = cache_dir() / f"{key}.npz"
     if use_cache and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                halves = [Split(torch.from_numpy(z[f"{h}_ids"].astype(np.int64)), meta[h]["names"],
-                                meta[h]["offsets"], meta[h]["num_bytes"]) for h in ("train", "val")]
-            return CorpusSplits(*halves, key=key, cache_path=str(path), from_cache=True, meta=meta)
+                parts = [Split(torch.from_numpy(z[f"{h}_ids"].astype(np.int64)), meta[h]["names"],
+                               meta[h]["offsets"], meta[h]["num_bytes"]) for h in names]
+            return CorpusSplits(*parts, key=key, cache_path=str(path), from_cache=True, meta=meta)
         except (OSError, KeyError, ValueError):  # unreadable cache: rebuild it below
             pass
-    train_docs, val_docs = tok.corpus_split(validation_fraction, seed)  # checks the corpus sha256
-    train, val = encode_documents(train_docs), encode_documents(val_docs)
-    meta = {h: {"names": s.doc_names, "offsets": s.doc_offsets, "num_bytes": s.num_bytes}
-            for h, s in (("train", train), ("val", val))}
+    if corpus == "classroom":
+        docs = tok.corpus_split(validation_fraction, seed)  # checks the corpus sha256
+    else:
+        docs = tok.corpus_split3(tok.pretrain_documents(), seed=seed)
+    parts = [encode_documents(d) for d in docs]
+    meta = {h: {"names": s.doc_names, "offsets": s.doc_offsets, "num_bytes": s.num_bytes} for h, s in zip(names, parts)}
     meta["key"] = key
     if use_cache:
         try:
-            _atomic_save_npz(path, train_ids=train.ids.numpy().astype(np.uint16),
-                             val_ids=val.ids.numpy().astype(np.uint16), meta=np.array(json.dumps(meta)))
+            _atomic_save_npz(path, **{f"{h}_ids": s.ids.numpy().astype(np.uint16) for h, s in zip(names, parts)},
+                             meta=np.array(json.dumps(meta)))
         except OSError:  # a read-only home is no reason to fail: we just encode again next time
             path = None
-    return CorpusSplits(train, val, key=key, cache_path=str(path) if use_cache and path else None, meta=meta)
+    return CorpusSplits(*parts, key=key, cache_path=str(path) if use_cache and path else None, meta=meta)
 
 
 # ---- random training windows -----------------------------------------------------------------------------------
