@@ -1,8 +1,9 @@
 """The command line: `python -m glm5_ref COMMAND ...`.
 
 Commands
-  demo              the main job (make demo): the GLM-5 tour, then train the classroom GLM-5 (about 7 minutes on
-                    2 CPU cores, or reuse runs/classroom/), sample Python from it, write figures, summarise
+  demo              the main job (make demo): the GLM-5 tour, the shipped classroom-base model (completions,
+                    speculative decoding, dense vs DSA), a live training run of 110 steps (or reuse runs/classroom/)
+                    compared with it, figures in runs/demo/, a summary
   train             train a preset on the classroom corpus: --config classroom --minutes N --out DIR [--steps N]
                     [--optimizer adamw|muon|muon_split] [--resume] ...; data parallel on W processes:
                     torchrun --nproc_per_node W -m glm5_ref train ... [--expert-parallel] (gloo on CPU, NCCL on GPUs)
@@ -12,6 +13,14 @@ Commands
   bench NAME        run a benchmark (see `bench --list`); --json prints one JSON line last
   experiment NAME   run an experiment (see `experiment --list`); its full run writes figures/NAME.json and .png;
                     --quick runs a CI-sized version into --out (default runs/experiments/NAME-quick)
+  recipe base       GLM-5's pre-training recipe at classroom scale (pre-train, mid-train, DSA warm-up, sparse
+                    adaptation; MTP and Muon Split throughout): [--quick] [--out DIR] [--resume]
+  recipe ship       measure the recipe's final model and write it, with its model card, to the shipped
+                    glm5_ref/assets/checkpoints/classroom-base/: [--out DIR (the recipe run)] [--quick]
+  post-train        GLM-5's post-training at classroom scale (SFT, reasoning RL, agentic RL, general RL,
+                    cross-stage distillation, context management) from the shipped base: figures/post_training.json
+                    and .png, the chat model shipped to glm5_ref/assets/checkpoints/classroom-chat/;
+                    [--quick] [--from CKPT] [--out DIR] [--resume]
 
 Bad input (an unknown preset, a folder that holds no checkpoint, a budget <= 0 ...) prints "error: ..." and exits
 with status 2.
@@ -29,12 +38,18 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# `python -m glm5_ref train` unless told otherwise: AdamW at 2e-3, batches of 8 x 256 (the recipe, apps/recipe.py,
+# uses Muon Split and MTP from the start; `--optimizer muon_split --lr 8e-3` selects it here)
+TRAIN_DEFAULTS = dict(optimizer="adamw", lr=2e-3, batch_size=8, seq_len=256, dsa_stage="dense", num_evals=10,
+                      eval_windows_n=64)
+
+
 def _add_train_options(p: argparse.ArgumentParser, minutes_default: float | None) -> None:
     p.add_argument("--config", default="classroom", help="preset: classroom or tiny (default: classroom)")
     p.add_argument("--minutes", type=float, default=minutes_default, help="wall-clock budget of the training run")
     p.add_argument("--steps", type=int, default=None, help="number of steps (lays the schedule out in steps)")
-    p.add_argument("--optimizer", default="adamw", help="adamw (default), muon or muon_split")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the demo's choice)")
+    p.add_argument("--optimizer", default=None, help="adamw (the train default), muon or muon_split (the demo's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 train, 8e-3 demo)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     p.add_argument("--dsa-stage", default=None,
@@ -46,7 +61,7 @@ def _add_train_options(p: argparse.ArgumentParser, minutes_default: float | None
 
 def _train_kwargs(args: argparse.Namespace) -> dict:
     keys = {"lr": "lr", "batch_size": "batch_size", "seq_len": "seq_len", "dsa_stage": "dsa_stage",
-            "mtp_depths": "mtp_depths"}
+            "mtp_depths": "mtp_depths", "optimizer": "optimizer"}
     return {k: getattr(args, a) for a, k in keys.items() if getattr(args, a) is not None}
 
 
@@ -55,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_demo = sub.add_parser("demo", help="the main job: tour, train (or reuse) the classroom GLM-5, sample, plot")
-    p_demo.add_argument("--figures", default="figures", help="folder for the figures (default: figures)")
+    p_demo = sub.add_parser("demo", help="the main job: tour, the shipped model, a live training run, figures")
+    p_demo.add_argument("--figures", default=os.path.join("runs", "demo"),
+                        help="folder for the figures (default: runs/demo, untracked)")
+    p_demo.add_argument("--shipped", default=None, help="a shipped-layout checkpoint folder to show instead of "
+                                                         "classroom-base (tests)")
     p_demo.add_argument("--out", default=os.path.join("runs", "classroom"),
                         help="training run folder (default: runs/classroom; a finished checkpoint there is reused)")
     p_demo.add_argument("--fresh", action="store_true", help="train again even if --out holds a finished run")
@@ -88,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--json", action="store_true", help="print one JSON line last")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, for CI smoke tests")
     p_bench.add_argument("--list", action="store_true", help="list the benchmarks")
+    p_bench.add_argument("--ckpt", default=None, help="spec-decode: a checkpoint instead of the shipped model")
+    p_rec = sub.add_parser("recipe", help="GLM-5's pre-training recipe at classroom scale, and shipping its model")
+    p_rec.add_argument("what", choices=["base", "ship"], help="base: run the recipe; ship: export its final model")
+    p_rec.add_argument("--quick", action="store_true", help="the tiny config, a few steps per stage (CI)")
+    p_rec.add_argument("--out", default=None, help="the run folder (default runs/recipe-base[-quick])")
+    p_rec.add_argument("--resume", action="store_true", help="continue an interrupted run at its stage")
+    p_rec.add_argument("--dest", default=None, help="ship: where to write the checkpoint (default: the shipped one)")
+    p_post = sub.add_parser("post-train", help="GLM-5's post-training at classroom scale, and shipping the chat model")
+    p_post.add_argument("--quick", action="store_true", help="the tiny config, a few steps per stage (CI)")
+    p_post.add_argument("--from", dest="from_ckpt", default=None,
+                        help="the base checkpoint (default: the shipped classroom-base; --quick: a fresh tiny model)")
+    p_post.add_argument("--out", default=None, help="the run folder (default runs/post-train[-quick])")
+    p_post.add_argument("--resume", action="store_true", help="continue an interrupted run at its stage")
     p_exp = sub.add_parser("experiment", help="run an experiment")
     p_exp.add_argument("name", nargs="?", help="experiment name")
     p_exp.add_argument("--quick", action="store_true", help="a CI-sized run, written to --out, not figures/")
@@ -106,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from glm5_ref.apps.demo import run_demo
 
-            run_demo(config=args.config, minutes=args.minutes, steps=args.steps, out_dir=args.out,
-                     figures_dir=args.figures, fresh=args.fresh, quick=args.quick, optimizer=args.optimizer,
-                     seed=args.seed, **_train_kwargs(args))
+            if args.minutes is not None:
+                raise ValueError("--minutes: the demo trains for a fixed number of steps (--steps N), so that it "
+                                 "sees the same tokens on any machine")
+            run_demo(config=args.config, steps=args.steps, out_dir=args.out, figures_dir=args.figures,
+                     fresh=args.fresh, quick=args.quick, seed=args.seed, shipped_dir=args.shipped,
+                     **_train_kwargs(args))
         elif args.command == "train":
-            from glm5_ref.apps.demo import DEMO_TRAIN
             from glm5_ref.training.options import resolve_config
             from glm5_ref.training.run import train
 
@@ -123,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                 dp = DataParallel(expert_parallel=args.expert_parallel)
             elif args.expert_parallel:
                 raise ValueError("--expert-parallel: needs several processes; launch with torchrun --nproc_per_node N")
-            kwargs = {k: v for k, v in DEMO_TRAIN.items() if k not in ("minutes",)} | _train_kwargs(args)
+            kwargs = TRAIN_DEFAULTS | _train_kwargs(args)
             if args.seq_len is None:  # the demo's 256, or less for a preset with shorter positions (tiny: 255)
                 kwargs["seq_len"] = min(kwargs["seq_len"], resolve_config(args.config).max_position_embeddings - 1)
-            result = train(args.config, args.out, minutes=args.minutes, steps=args.steps, optimizer=args.optimizer,
-                           seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+            result = train(args.config, args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                            progress=not args.no_progress, data_parallel=dp, **kwargs)
             if dp is None or dp.is_main:
                 print(f"trained {result.step} steps ({result.tokens:,} tokens) in {result.elapsed_s:.0f} s; "
@@ -153,7 +185,21 @@ def main(argv: list[str] | None = None) -> int:
                 for name, text in sorted(BENCHMARKS.items()):
                     print(f"{name:16s} {text}")
                 return 0
-            run_benchmark(args.name, as_json=args.json, quick=args.quick)
+            run_benchmark(args.name, as_json=args.json, quick=args.quick, ckpt=args.ckpt)
+        elif args.command == "recipe":
+            if args.what == "base":
+                from glm5_ref.apps.recipe import run_recipe
+
+                run_recipe(quick=args.quick, out_dir=args.out, resume=args.resume)
+            else:
+                from glm5_ref.apps.model_card import ship
+
+                ship(run_dir=args.out, quick=args.quick, dest=args.dest)
+        elif args.command == "post-train":
+            from glm5_ref.apps.post_train.pipeline import run_post_training
+
+            doc = run_post_training(quick=args.quick, from_ckpt=args.from_ckpt, out_dir=args.out, resume=args.resume)
+            print("[post-train] goals: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in doc["goals"].items()))
         elif args.command == "experiment":
             from glm5_ref.apps.experiments import EXPERIMENTS, run_experiment
 

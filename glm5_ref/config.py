@@ -1,11 +1,10 @@
 """GLM5Config: the one configuration every glm5_ref module reads.
 
 What it is
-    A dataclass holding the architecture of GLM-5 (arXiv 2602.15763, Table 10) under the key names of the
-    released Hugging Face checkpoint (``zai-org/GLM-5/config.json``, ``model_type = "glm_moe_dsa"``), plus
-    a few training knobs the paper describes but the checkpoint does not store (MTP depth and weight,
-    balancing rates). Three presets: ``glm5()`` (the published model), ``classroom()`` (~13M parameters,
-    trains on 2 CPU cores in minutes) and ``tiny()`` (for tests).
+    A dataclass holding the architecture of GLM-5 (arXiv 2602.15763, Table 10) under the key names of the released
+    Hugging Face checkpoint (``zai-org/GLM-5/config.json``, ``model_type = "glm_moe_dsa"``), plus a few training
+    knobs the paper describes but the checkpoint does not store (MTP depth and weight, balancing rates). Presets:
+    ``glm5()`` (the published model), ``classroom()`` (~13M parameters, 2 CPU cores) and ``tiny()`` (tests).
 
 Exact parameter counting (``num_params`` / ``param_breakdown``) is done from the arithmetic of the config,
 without building a model:
@@ -29,15 +28,21 @@ does not (reference/glm5_spec.md section 10).
 
 Choices and contradictions
     * 78 layers (Table 10 and config.json), although the paper's prose says 80.
-    * ``rope_interleave`` / ``indexer_rope_interleave`` are keys of the released config.json. transformers
-      5.x has no such fields and hard-codes the interleaved pairing for GLM-5; we keep both flags so the
-      same code serves DeepSeek-V3.2, whose indexer uses the half-split pairing.
-    * RoPE settings are read from ``rope_theta``/``rope_scaling`` (the released config.json) or from
-      ``rope_parameters`` (what transformers 5 writes); ``to_hf`` writes both forms, consistently.
+    * ``rope_interleave`` / ``indexer_rope_interleave`` are released keys transformers ignores: its glm_moe_dsa
+      code pairs RoPE dims interleaved in MLA and the indexer only since its June 2026 fixes (PRs #46372, #46842;
+      earlier 5.x rotated the indexer half-split). Both flags stay, for DeepSeek-V3.2's half-split indexer.
+    * RoPE: the release stores only ``rope_parameters`` {"rope_theta": 1000000, "rope_type": "default"};
+      ``from_hf`` also reads the older rope_theta / rope_scaling keys, ``to_hf`` writes rope_parameters alone.
+    * ``to_hf(glm5())`` equals the released config.json key for key and value for value (tested), but adds
+      PROJECT_KEYS and leaves out ``transformers_version`` (it names the program that wrote the file).
+    * ``pad_token_id`` (release: 154820, also the first stop token) is the embedding's padding_idx, as in
+      transformers: that row starts at zero and gets no gradient; lookups read the stored row. The classroom
+      presets have none (their batches are never padded).
+    * ``quantization_config``: only the block-wise FP8 layout (DeepSeek-V3, GLM-5-FP8; ``fp8_block_size``).
 
-Not handled (a clear ValueError instead): RoPE scaling other than "default" (YaRN, linear, ...), indexer
-layers marked "shared" (IndexShare, GLM-5.2 only), quantised checkpoints, tied embeddings, attention
-biases, activations other than SiLU, routing other than sigmoid + noaux_tc, MoE on every k-th layer.
+Not handled (a clear ValueError instead): RoPE scaling other than "default" (YaRN, linear, ...), indexer layers
+marked "shared" (IndexShare, GLM-5.2 only), quantised checkpoints other than block-wise FP8, tied embeddings,
+attention biases, activations other than SiLU, routing other than sigmoid + noaux_tc, MoE on every k-th layer.
 """
 
 from __future__ import annotations
@@ -50,20 +55,21 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-# Keys of a released config.json (or one written by transformers) that describe the file, the tokenizer or
-# inference settings and do not change the computation. They are accepted and not stored.
+# Keys of a released (or transformers-written) config.json that describe the file, the tokenizer or inference
+# settings and do not change the computation: accepted, not stored.
 INFORMATIONAL_HF_KEYS = frozenset({
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
-    "eos_token_id", "pad_token_id", "use_cache", "attention_dropout", "pretraining_tp", "ep_size",
-    "output_router_logits", "initializer_range", "layer_types", "_name_or_path", "auto_map",
-    "output_hidden_states", "output_attentions", "return_dict", "num_key_value_heads", "head_dim",
-    "qk_head_dim", "moe_layer_freq", "scoring_func", "topk_method", "mlp_layer_types", "indexer_types",
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id", "use_cache",
+    "attention_dropout", "pretraining_tp", "ep_size", "output_router_logits", "initializer_range", "layer_types",
+    "_name_or_path", "auto_map", "output_hidden_states", "output_attentions", "return_dict", "num_key_value_heads",
+    "head_dim", "qk_head_dim", "moe_layer_freq", "scoring_func", "topk_method", "mlp_layer_types", "indexer_types",
     "rope_scaling", "rope_parameters", "rope_theta", "mlp_bias", "moe_router_dtype", "router_aux_loss_coef",
     "seq_aux", "aux_loss_alpha", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
-    "problem_type", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id",
+    "problem_type", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id", "quantization_config",
     "decoder_start_token_id", "task_specific_params", "finetuning_task", "add_cross_attention",
 })
-
+RELEASED_CONSTANTS = {"attention_dropout": 0.0, "ep_size": 1, "pretraining_tp": 1, "use_cache": True}  # as released
+# The block-wise FP8 layout (DeepSeek-V3, GLM-5-FP8): e4m3 weights, one fp32 weight_scale_inv per weight block.
+FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
 # Keys this project adds to config.json (the paper describes them, the checkpoint does not store them).
 PROJECT_KEYS = ("num_mtp_depths", "mtp_loss_weight", "aux_loss_alpha_seq", "bias_update_speed")
 
@@ -113,12 +119,15 @@ class GLM5Config:
     bias_update_speed: float = 1e-3          # gamma of the aux-loss-free bias update
     # --- informational ------------------------------------------------------------------------------------
     initializer_range: float = 0.02          # std of the normal init of every matrix
+    pad_token_id: int | None = None          # the embedding's padding_idx (release: 154820); None = no padding row
+    eos_token_id: int | tuple[int, ...] | None = None  # stop tokens, informational (release: 154820, 154827, 154829)
     name: str = field(default="custom", compare=False)  # preset name, for printing only
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, list):  # config.json stores a list; a tuple keeps the config hashable
+            self.eos_token_id = tuple(self.eos_token_id)
         self.validate()
 
-    # ------------------------------------------------------------------------------------------------------
     # validation
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what was expected."""
@@ -128,31 +137,25 @@ class GLM5Config:
 
         positive_ints = (
             "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "num_attention_heads",
-            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-            "index_n_heads", "index_head_dim", "index_topk", "intermediate_size", "moe_intermediate_size",
-            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "num_mtp_depths",
-        )
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "a positive integer")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(name, "a non-negative integer")
-        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise bad(name, "a finite positive number")
-        for name in ("mtp_loss_weight", "aux_loss_alpha_seq", "bias_update_speed"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise bad(name, "a finite non-negative number")
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads",
+            "index_head_dim", "index_topk", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
+            "num_experts_per_tok", "n_group", "topk_group", "num_mtp_depths")
+        real = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        for names, ok, expected in (
+                (positive_ints, lambda v: type(v) is int and v >= 1, "a positive integer"),
+                (("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"),
+                 lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+                (("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"),
+                 lambda v: real(v) and v > 0, "a finite positive number"),
+                (("mtp_loss_weight", "aux_loss_alpha_seq", "bias_update_speed"),
+                 lambda v: real(v) and v >= 0, "a finite non-negative number")):
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise bad(name, expected)
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "an even number (RoPE rotates pairs of dimensions)")
         if self.index_head_dim < self.qk_rope_head_dim:
-            raise bad("index_head_dim", f">= qk_rope_head_dim = {self.qk_rope_head_dim} (RoPE covers its first "
-                                        "qk_rope_head_dim dims)")
+            raise bad("index_head_dim", f">= qk_rope_head_dim = {self.qk_rope_head_dim} (RoPE covers its first dims)")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise bad("first_k_dense_replace", f"<= num_hidden_layers = {self.num_hidden_layers}")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -177,8 +180,11 @@ class GLM5Config:
         for name in ("rope_interleave", "indexer_rope_interleave", "norm_topk_prob"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        for name, values in (("pad_token_id", (self.pad_token_id,)), ("eos_token_id", eos)):
+            if any(v is not None and (type(v) is not int or not 0 <= v < self.vocab_size) for v in values):
+                raise bad(name, f"None or token ids in [0, vocab_size = {self.vocab_size})")
 
-    # ------------------------------------------------------------------------------------------------------
     # derived sizes
     @property
     def qk_head_dim(self) -> int:
@@ -205,7 +211,6 @@ class GLM5Config:
         """Bytes of decode cache per token over all main layers (bf16 by default)."""
         return self.num_hidden_layers * self.kv_cache_values_per_token(include_indexer) * bytes_per_value
 
-    # ------------------------------------------------------------------------------------------------------
     # parameter counting from the arithmetic
     def param_breakdown(self, active: bool = False, include_mtp: bool = False) -> dict[str, int]:
         """Parameters by component. ``active``: what one token touches (K of E experts, no embedding)."""
@@ -243,12 +248,11 @@ class GLM5Config:
         """Exact parameter count (see the module docstring for the formula and the published numbers)."""
         return sum(self.param_breakdown(active=active, include_mtp=include_mtp).values())
 
-    # ------------------------------------------------------------------------------------------------------
     # presets
     @classmethod
     def glm5(cls) -> "GLM5Config":
         """The published GLM-5 (744B total, 40B active), as in zai-org/GLM-5/config.json."""
-        return cls(name="glm5")
+        return cls(name="glm5", pad_token_id=154820, eos_token_id=(154820, 154827, 154829))
 
     @classmethod
     def classroom(cls) -> "GLM5Config":
@@ -274,37 +278,30 @@ class GLM5Config:
 
     @classmethod
     def preset(cls, name: str) -> "GLM5Config":
-        presets = {"glm5": cls.glm5, "classroom": cls.classroom, "tiny": cls.tiny}
-        if name not in presets:
-            raise ValueError(f"config name {name!r}: expected one of {sorted(presets)}")
-        return presets[name]()
+        if name not in ("classroom", "glm5", "tiny"):
+            raise ValueError(f"config name {name!r}: expected one of ['classroom', 'glm5', 'tiny']")
+        return getattr(cls, name)()
 
-    # ------------------------------------------------------------------------------------------------------
     # Hugging Face config.json in and out
-    def to_hf(self) -> dict[str, Any]:
-        """A config.json dict in the released checkpoint's format (readable by transformers' GlmMoeDsaConfig)."""
-        out: dict[str, Any] = {"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa"}
-        for f in dataclasses.fields(self):
-            if f.name != "name":
-                out[f.name] = getattr(self, f.name)
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """A config.json dict in the released checkpoint's format, key for key (the module docstring says which
+        keys differ), readable by transformers' GlmMoeDsaConfig. ``dtype``: the stored weights' dtype."""
+        out: dict[str, Any] = {"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
+                               "dtype": dtype, **RELEASED_CONSTANTS}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("name", "rope_theta")})
+        out["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         out.update({
             "num_key_value_heads": self.num_attention_heads, "qk_head_dim": self.qk_head_dim,
             "head_dim": self.qk_rope_head_dim, "moe_layer_freq": 1, "scoring_func": "sigmoid",
-            "topk_method": "noaux_tc", "rope_scaling": None,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "mlp_layer_types": ["dense" if not self.is_moe_layer(i) else "sparse"
-                                for i in range(self.num_hidden_layers)],
-            "indexer_types": ["full"] * self.num_hidden_layers,
+            "topk_method": "noaux_tc", "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
         })
         return out
 
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | os.PathLike, strict: bool = True) -> "GLM5Config":
-        """Read a config.json (a dict, a path to the file, or a checkpoint directory holding it).
-
-        ``strict``: an unknown key raises ValueError (it might change the architecture); with
-        ``strict=False`` it only warns.
-        """
+        """Read a config.json (a dict, a path to the file, or a checkpoint directory holding it). ``strict``: an
+        unknown key raises ValueError (it might change the architecture); with ``strict=False`` it only warns."""
         d = _read_config_source(source)
         fields = {f.name for f in dataclasses.fields(cls)} - {"name"}
         kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in fields}
@@ -313,7 +310,7 @@ class GLM5Config:
             if not ok:
                 raise ValueError(f"config.json key {key!r} = {d[key]!r}: expected {expected}; glm5_ref implements GLM-5")
 
-        # RoPE: either the released form (rope_theta + rope_scaling) or transformers 5's rope_parameters.
+        # RoPE: the released rope_parameters, or the older rope_theta + rope_scaling (both: they must agree).
         scaling = d.get("rope_scaling")
         if scaling is not None:
             expect("rope_scaling", isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
@@ -337,15 +334,14 @@ class GLM5Config:
             if key in d:
                 expect(key, d[key] == value, repr(value))
         if "quantization_config" in d:
-            raise ValueError("config.json has a quantization_config: quantised (e.g. FP8) checkpoints are not "
-                             "supported; use the bf16 release")
+            fp8_block_size(d["quantization_config"])  # the block-wise FP8 layout, or a ValueError
         if d.get("num_key_value_heads") is not None and "num_attention_heads" in d:
             expect("num_key_value_heads", d["num_key_value_heads"] == d["num_attention_heads"],
                    "== num_attention_heads (MLA is MHA-style)")
         if d.get("qk_head_dim") is not None and "qk_nope_head_dim" in d and "qk_rope_head_dim" in d:
             expect("qk_head_dim", d["qk_head_dim"] == d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
                    "qk_nope_head_dim + qk_rope_head_dim")
-        unknown = sorted(set(d) - fields - INFORMATIONAL_HF_KEYS - {"quantization_config"})
+        unknown = sorted(set(d) - fields - INFORMATIONAL_HF_KEYS)
         if unknown:
             message = f"config.json has keys glm5_ref does not know: {unknown}"
             if strict:
@@ -356,7 +352,7 @@ class GLM5Config:
         except TypeError as e:  # a value of the wrong type deep in validate()
             raise ValueError(f"config.json: {e}") from None
         if "mlp_layer_types" in d and d["mlp_layer_types"] is not None:
-            expected = config.to_hf()["mlp_layer_types"]
+            expected = ["sparse" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)]
             if list(d["mlp_layer_types"]) != expected:
                 raise ValueError(f"config.json key 'mlp_layer_types' = {d['mlp_layer_types']!r}: expected "
                                  f"first_k_dense_replace = {config.first_k_dense_replace} dense layers, then MoE")
@@ -365,13 +361,24 @@ class GLM5Config:
     def save(self, path: str | os.PathLike) -> None:
         """Write config.json atomically (temporary file, then rename)."""
         path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump(self.to_hf(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
+
+
+def fp8_block_size(quantization_config: Any) -> tuple[int, int]:
+    """(rows, cols) of the weight block of a block-wise FP8 quantization_config (FP8_QUANTIZATION plus
+    ``weight_block_size``; other keys, e.g. modules_to_not_convert, are allowed). ValueError for anything else."""
+    qc = quantization_config
+    block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+    if (not isinstance(qc, dict) or any(qc.get(k) != v for k, v in FP8_QUANTIZATION.items()) or not
+            isinstance(block, (list, tuple)) or len(block) != 2 or any(type(b) is not int or b < 1 for b in block)):
+        raise ValueError(f"config.json quantization_config = {qc!r}: expected the block-wise FP8 layout "
+                         f"{{**{FP8_QUANTIZATION}, 'weight_block_size': [rows, cols] (positive integers)}}; other "
+                         "quantised checkpoints are not supported")
+    return int(block[0]), int(block[1])
 
 
 def _read_config_source(source: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
@@ -380,8 +387,7 @@ def _read_config_source(source: dict[str, Any] | str | os.PathLike) -> dict[str,
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"config source: expected a dict or a path, got {type(source).__name__}")
     path = os.fspath(source)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise ValueError(f"config.json not found: {path}")
     try:

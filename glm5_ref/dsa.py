@@ -35,7 +35,11 @@ normalised Hadamard matrix, quantise them to FP8 e4m3 in blocks of 128 with one 
 from the dequantised values. The rotation is orthogonal, so without quantisation it changes no score; it is
 meant to spread outlier channels across dims before the rounding (with one scale per 128 values we measured
 no accuracy gain from it on synthetic outliers: notebook 02). ``fp8_topk_agreement`` measures what the
-quantisation costs (about 98% of the top-k set kept in notebook 02).
+quantisation costs (about 98% of the top-k set kept in notebook 02). Two scale formats: "amax" (scale =
+amax / 448, exact) and "ue8m0", DeepSeek-V3.2's kernels' choice (scale_fmt="ue8m0": the scale rounded UP to a
+power of two, 2^ceil(log2(amax / 448)), an 8-bit exponent with no mantissa, so applying it is an exponent add;
+rounding up keeps every value in range, at the cost of up to one bit of resolution). ``fp8=True`` means "amax";
+``fp8="ue8m0"`` selects the other (Indexer.scores, DSAAttention.attend).
 
 Not handled: IndexShare (GLM-5.2's "shared" indexer layers), FP8 kernels (we simulate the rounding),
 per-row cache lengths, the indexer's non-deterministic CUDA top-k (GLM-5 found it collapses RL).
@@ -116,11 +120,15 @@ class Indexer(nn.Module):
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         return self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, T, J), fp32
 
-    def scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+               fp8: bool | str = False) -> torch.Tensor:
         """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s] / sqrt(I)): (B, T, J, I), (B, S, I), (B, T, J) -> (B, T, S).
-        ``fp8``: score from Hadamard-rotated, FP8-rounded queries and keys (the production precision trick)."""
+        ``fp8``: score from Hadamard-rotated, FP8-rounded queries and keys (the production precision trick);
+        True or "amax" for amax/448 scales, "ue8m0" for power-of-two scales."""
         if fp8:
-            q, keys = fp8_simulate(hadamard_rotate(q)), fp8_simulate(hadamard_rotate(keys))
+            fmt = "amax" if fp8 is True else fp8
+            q = fp8_simulate(hadamard_rotate(q), scale_format=fmt)
+            keys = fp8_simulate(hadamard_rotate(keys), scale_format=fmt)
         q = q.float() * self.head_dim ** -0.5  # scale the (J, I) queries, not the (J, S) logits
         logits = torch.einsum("btji,bsi->btjs", q, keys.float())  # (B, T, J, S)
         return torch.einsum("btj,btjs->bts", weights, F.relu(logits))  # (B, T, S)
@@ -133,7 +141,7 @@ class Indexer(nn.Module):
         return cache.write_index_keys(keys.to(cache.index_keys.dtype), cache.length).to(x.dtype)  # (B, S, I)
 
     def forward(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor,
-                cache: DSACache | None = None, fp8: bool = False) -> torch.Tensor:
+                cache: DSACache | None = None, fp8: bool | str = False) -> torch.Tensor:
         """Scores of the T new queries against every key so far, (B, T, S) with S = cache length + T.
         Future keys are NOT masked here (``select_topk`` and ``indexer_kl`` do it)."""
         keys = self.cached_keys(x, positions, cache)  # (B, S, I)
@@ -276,24 +284,32 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     return x.float() @ _hadamard_fp32(x.shape[-1]).to(x.device)
 
 
-def fp8_simulate(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Quantise to float8 e4m3 in blocks of ``block`` along the last dim (scale = amax / 448 per block),
-    then dequantise: the values an FP8 kernel would see."""
+FP8_SCALE_FORMATS = ("amax", "ue8m0")
+
+
+def fp8_simulate(x: torch.Tensor, block: int = 128, scale_format: str = "amax") -> torch.Tensor:
+    """Quantise to float8 e4m3 in blocks of ``block`` along the last dim, then dequantise: the values an FP8
+    kernel would see. Scale per block: amax / 448 ("amax"), or that rounded up to a power of two ("ue8m0")."""
+    if scale_format not in FP8_SCALE_FORMATS:
+        raise ValueError(f"scale_format: expected one of {FP8_SCALE_FORMATS}, got {scale_format!r}")
     D = x.shape[-1]
     b = min(block, D)
     if D % b:
         raise ValueError(f"fp8 block: the last dim {D} must be a multiple of the block {b}")
     xb = x.float().unflatten(-1, (D // b, b))  # (..., D/b, b)
     scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    if scale_format == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # 2^ceil(log2 s) >= s: no value leaves e4m3's range
     return ((xb / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
 
 
-def fp8_topk_agreement(indexer: Indexer, x: torch.Tensor, c_q: torch.Tensor, topk: int) -> float:
+def fp8_topk_agreement(indexer: Indexer, x: torch.Tensor, c_q: torch.Tensor, topk: int,
+                       scale_format: str = "amax") -> float:
     """Mean fraction of each query's full-precision top-k set that the FP8-simulated indexer also picks."""
     positions = torch.arange(x.shape[1], device=x.device)
     with torch.no_grad():
         ref = select_topk(indexer(x, c_q, positions), positions, topk)
-        sim = select_topk(indexer(x, c_q, positions, fp8=True), positions, topk)
+        sim = select_topk(indexer(x, c_q, positions, fp8=scale_format), positions, topk)
     hits, total = 0, 0
     for r, s in zip(ref.reshape(-1, ref.shape[-1]).tolist(), sim.reshape(-1, sim.shape[-1]).tolist()):
         a, b = {i for i in r if i >= 0}, {i for i in s if i >= 0}

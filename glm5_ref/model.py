@@ -14,7 +14,13 @@ Choices
     * ``loss`` = mean next-token cross-entropy (labels shifted inside, -100 ignored, as transformers does)
       + the MoE sequence-wise balance losses (alpha = config.aux_loss_alpha_seq, summed over MoE layers)
       + the indexer KL (mean over layers) when ``indexer_loss=True``. Each part is also returned alone.
-    * ``hidden_states`` is the last layer's output BEFORE the final norm (what the MTP module reads).
+    * ``hidden_states`` is the last layer's output BEFORE the final norm; the MTP layer reads it AFTER the norm,
+      model.norm(hidden_states), as vLLM and SGLang feed the released weights (mtp.py, ``MTP_HIDDEN``).
+    * The MTP layer's input at position 0 keeps the embedding of token 1. vLLM (deepseek_mtp.py) zeroes the MTP
+      input embedding wherever positions == 0, so its first MTP position sees only hnorm(h_0); we train and
+      draft with the embedding there, the same in both (``MTP_POSITION0 = "embedding"``; tested), because
+      position 0 is an ordinary position of our MTP training loss. Only that one position differs from vLLM.
+    * ``pad_token_id`` (config) is the embedding's padding_idx: its row starts at zero and gets no gradient.
     * How the model computes (absorbed or expanded MLA, sparse or dense DSA, grouped or loop MoE, Triton, FP8)
       is one ``Execution`` (execution.py), held in ``model.execution`` and changed with ``set_execution``; by
       default decoding runs the absorbed MLA path over the latent cache and the full forward the expanded
@@ -24,8 +30,14 @@ Choices
       ``hf_state_dict()`` names it model.layers.{num_hidden_layers}.* as the checkpoint does. With labels,
       ``loss`` adds the MTP loss (lambda / D) * sum_k L_k over ``config.num_mtp_depths`` depths.
 
+Checkpoints: ``save_pretrained`` (bf16/fp32, or ``fp8=True``: the block-wise FP8 layout of GLM-5-FP8) and
+``from_pretrained``, which builds the model on the meta device and reads every tensor once, straight into the
+memory that keeps it (hf_io.py; the routed experts straight into the MoE's packed storage), in the requested
+dtype, dequantising FP8 on load; ``layers=[...]`` loads only some decoder layers (the rest are ``NotLoaded``).
+A model larger than memory runs layer by layer with streaming.py; quantised execution is quant.py.
+
 Not handled: padding / attention masks inside a batch (a batch shares one length), beam search,
-tensor/pipeline parallelism (see distributed/), quantised checkpoints.
+tensor/pipeline parallelism (see distributed/), keeping FP8 weights in memory (streaming.py can).
 Axes: B batch, T tokens, D hidden, V vocab.
 """
 
@@ -42,11 +54,14 @@ from glm5_ref.block import DecoderLayer
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSACache
 from glm5_ref.execution import DEFAULT, Execution
-from glm5_ref.hf_io import iter_checkpoint_tensors, save_checkpoint
+from glm5_ref.fp8 import quantize_state_dict
+from glm5_ref.hf_io import CheckpointReader, load_into_meta, mismatch_message, save_checkpoint
 from glm5_ref.layers import RMSNorm
 from glm5_ref.moe import MoE, update_router_bias
 from glm5_ref.mtp import MTPLayer, mtp_losses
 from glm5_ref.sampling import check_sampling, new_generator, pad_after_stop, sample_token
+
+MTP_POSITION0 = "embedding"  # the MTP input at position 0 keeps its token embedding (vLLM zeroes it; docstring)
 
 
 @dataclass
@@ -83,10 +98,23 @@ class GLM5Cache:
             layer.truncate(new_length)
 
 
+class NotLoaded(nn.Module):
+    """A decoder layer that ``from_pretrained(..., layers=[...])`` left out: no weights, and it refuses to run."""
+    is_moe = False
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, *args, **kwargs):
+        raise ValueError(f"model.layers.{self.layer_idx} was not loaded (from_pretrained(..., layers=...)): run the "
+                         "loaded layers one at a time, model.model.layers[i](x, ...), or load them all")
+
+
 class GLM5Model(nn.Module):
     def __init__(self, config: GLM5Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -119,6 +147,8 @@ class GLM5ForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()  # as transformers initialises the pad row
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: GLM5Cache | None = None,
@@ -239,12 +269,7 @@ class GLM5ForCausalLM(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """state_dict() with the MTP layer named as in the checkpoint: mtp.X -> model.layers.{L}.X'."""
-        out = {}
-        for name, t in self.state_dict().items():
-            if name.startswith("mtp."):
-                name = self.mtp_prefix() + self.mtp.hf_name(name[len("mtp."):])
-            out[name] = t
-        return out
+        return {self._hf_name(name): t for name, t in self.state_dict().items()}
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> dict[str, list[str]]:
         """Load tensors named as in the released checkpoint. Unknown or missing names and shape mismatches
@@ -263,37 +288,84 @@ class GLM5ForCausalLM(nn.Module):
         unexpected = sorted(set(main) - set(own))
         mismatched = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                             for k, v in main.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
-        problems = [f"{what} ({len(names)}): {names[:20]}{' ...' if len(names) > 20 else ''}"
-                    for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-                    if names and (strict or what == "shape mismatch")]
-        if problems and strict and missing and all(k.startswith("mtp.") for k in missing):
-            problems.append("every missing tensor belongs to the MTP layer: the checkpoint has none (transformers "
-                            "writes GLM-5 without it). Load it with strict=False (the MTP layer keeps its random "
-                            "initialisation) or build the model with num_nextn_predict_layers=0")
-        if problems:
-            raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+        message = mismatch_message(missing, unexpected, mismatched, strict)
+        if message:
+            raise ValueError(message)
         on_meta = any(p.device.type == "meta" for p in own.values())
         # cast to the model's dtypes (meta tensors carry theirs); a meta-built model takes the tensors themselves
         self.load_state_dict({k: v.to(own[k].dtype) for k, v in main.items() if k in own}, strict=strict,
                              assign=on_meta)
         return {"missing": missing, "unexpected": unexpected, "dropped_shared_copies": sorted(dropped)}
 
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
-        """config.json + sharded safetensors + index, written atomically (hf_io.save_checkpoint)."""
-        save_checkpoint(directory, self.hf_state_dict(), self.config.to_hf(), max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30, fp8: bool = False,
+                        block: tuple[int, int] = (128, 128)) -> None:
+        """config.json + sharded safetensors + index, written atomically (hf_io.save_checkpoint). ``fp8``: the
+        block-wise FP8 layout of GLM-5-FP8 (fp8.py: e4m3 weights + weight_scale_inv per ``block``)."""
+        state, config = self.hf_state_dict(), self.config.to_hf(str(self.lm_head.weight.dtype).split(".")[-1])
+        if fp8:
+            state = quantize_state_dict(state, block)
+            config = {**config, "dtype": "bfloat16", "quantization_config": {
+                "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block), "activation_scheme": "dynamic"}}
+        save_checkpoint(directory, state, config, max_shard_bytes=max_shard_bytes)
+
+    def _hf_name(self, name: str) -> str:
+        """state_dict name -> checkpoint name (the MTP layer lives at model.layers.{L})."""
+        return self.mtp_prefix() + self.mtp.hf_name(name[len("mtp."):]) if name.startswith("mtp.") else name
+
+    def _packed_expert_views(self) -> dict[str, torch.Tensor]:
+        """Allocate every MoE's packed expert storage (moe.py: gate|up (E, 2I, d), down (E, d, I)) and return the
+        per-expert views the checkpoint is read into, so the packing needs no copy afterwards."""
+        views = {}
+        for name, moe in self.named_modules():
+            if not isinstance(moe, MoE):
+                continue
+            E, I, d = len(moe.experts), self.config.moe_intermediate_size, self.config.hidden_size
+            dtype = moe.experts[0].down_proj.weight.dtype
+            gate_up, down = torch.empty(E, 2 * I, d, dtype=dtype), torch.empty(E, d, I, dtype=dtype)
+            prefix = self._hf_name(name + ".experts.")
+            for e in range(E):
+                views[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, :I]
+                views[f"{prefix}{e}.up_proj.weight"] = gate_up[e, I:]
+                views[f"{prefix}{e}.down_proj.weight"] = down[e]
+            moe._packed = (gate_up, down)  # what moe._pack_experts builds, without its copy
+        return views
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                        strict: bool = True) -> "GLM5ForCausalLM":
-        """Read config.json, build the model on the meta device, then take the tensors shard by shard."""
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype | None = None, strict: bool = True,
+                        layers: list[int] | None = None) -> "GLM5ForCausalLM":
+        """Read config.json, build the model on the meta device, then read every tensor once, straight into the
+        memory that keeps it, in ``dtype`` (default fp32; the router stays fp32): a bf16 -> fp32 load never holds
+        the bf16 copy, and an FP8 checkpoint (GLM-5-FP8) is dequantised block row by block row (hf_io.py).
+
+        ``layers``: load only these decoder layers, plus the embedding, the final norm and the head (the MTP layer
+        too when its index, num_hidden_layers, is listed); the others become ``NotLoaded``. A laptop can then run
+        and inspect real GLM-5 layers: ``model.model.layers[i](x)``. Names, shapes and dtypes are checked from the
+        file headers before any data is read: a ValueError lists the problems, nothing half-loaded is returned."""
+        reader = CheckpointReader(directory)
         config = GLM5Config.from_hf(directory)
         with torch.device("meta"):
             model = cls(config)
         if dtype is not None:
             model.to(dtype)
-        state = dict(iter_checkpoint_tensors(directory))
-        model.load_hf_state_dict(state, strict=strict)
-        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+        L = config.num_hidden_layers
+        skip = [model.mtp_prefix() + "embed_tokens.", model.mtp_prefix() + "shared_head.head."]  # shared copies
+        if layers is not None:
+            keep = set(layers)
+            bad = sorted(i for i in keep if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= L)
+            if bad or not (config.num_nextn_predict_layers or L not in keep):
+                raise ValueError(f"layers: expected decoder layer indices in [0, {L}) (and {L}, the MTP layer, if "
+                                 f"the config has one), got {sorted(layers, key=str)}")
+            for i in sorted(set(range(L)) - keep):
+                model.model.layers[i] = NotLoaded(i)
+                skip.append(f"model.layers.{i}.")
+            if L not in keep and model.mtp is not None:
+                model.mtp, skip = None, skip + [f"model.layers.{L}."]
+        names = {model._hf_name(n): n for n in model.state_dict(keep_vars=True)}
+        load_into_meta(model, reader, names, tuple(skip), model._packed_expert_views(), strict,
+                       config.initializer_range)
+        for moe in model.moe_layers():
+            moe._packed_addresses = [p.data_ptr() for p in moe._expert_params()]
+        leftover = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
         if leftover:
             raise ValueError(f"checkpoint {os.fspath(directory)} left tensors unset: {leftover[:20]}")
         return model

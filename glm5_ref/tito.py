@@ -23,7 +23,21 @@ Choices where the paper is silent
     * A rollout id may be started once; finish/abort removes it, so a late append raises ValueError
       instead of silently creating a second copy.
 
-Not handled: branching trajectories (context management that rewrites history), multimodal segments.
+Conversations in the chat template (``ChatConversation``; chat.py, GLM-5 section 3.1)
+    GLM-5's template is append-only within a tool-call chain but, in the default interleaved mode, NOT across
+    user turns: a new user message re-renders every earlier assistant turn without its reasoning. So
+        interleaved (clear_thinking=True)   each user turn starts a new sample (Trajectory "<id>/0", "<id>/1", ...)
+                                            whose prompt is the re-rendered history (earlier turns: loss_mask 0);
+        preserved   (clear_thinking=False)  the new turn's ids are appended to the one sample (checked: the old
+                                            rendering must be a prefix of the new one, else ValueError).
+    Tool results are appended in both modes. The model's ids are never re-rendered: the template's delta (what
+    the environment appends) is computed between two canonical renderings, and a role token the model already
+    sampled as its stop token (<|observation|>, <|user|>) is not appended twice; any other stop token (e.g.
+    <|endoftext|> before a new user turn in preserved mode) stays as sampled, followed by the full delta.
+    Context management that rewrites history (folding old tool results) is a rewrite: ``rewrite`` starts a
+    new sample from the managed messages, as a user turn does in interleaved mode.
+
+Not handled: multimodal segments; branching (several continuations of one sample).
 References: GLM-5 section 4.1.2; slime rollout/sglang_rollout.py and agent/trajectory.py; TRL issue #5224.
 """
 
@@ -34,7 +48,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm5_ref.chat import parse, render
+from glm5_ref.tokenizer import SPECIAL_TOKENS
+
 PROMPT, MODEL, ENV = "prompt", "model", "env"
+CHAT_STOPS = [SPECIAL_TOKENS[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]  # end an assistant turn
 
 
 @dataclass
@@ -137,12 +155,7 @@ class TITOGateway:
         x = torch.tensor([context], dtype=torch.long, device=next(model.parameters()).device)
         out, lps = model.generate(x, max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                                   seed=seed, return_logprobs=True)
-        new, lps = out[0, len(context):].tolist(), lps[0].tolist()
-        stops = set(stop_tokens or [])
-        for k, tok in enumerate(new):
-            if tok in stops:
-                new, lps = new[:k + 1], lps[:k + 1]
-                break
+        new, lps = trim_at_stop(out[0, len(context):].tolist(), lps[0].tolist(), stop_tokens)
         self.record_generation(rollout_id, new, lps, version)
         return new
 
@@ -161,6 +174,15 @@ class TITOGateway:
     def live(self) -> list[str]:
         with self._lock:
             return list(self._live)
+
+
+def trim_at_stop(ids: list[int], logprobs: list[float], stop_tokens) -> tuple[list[int], list[float]]:
+    """Cut sampled ids (and their log-probs) after the first stop token (model.generate repeats it)."""
+    stops = set(stop_tokens or [])
+    for k, tok in enumerate(ids):
+        if tok in stops:
+            return list(ids[:k + 1]), list(logprobs[:k + 1])
+    return list(ids), list(logprobs)
 
 
 def _as_ids(name: str, ids) -> list[int]:
@@ -214,3 +236,106 @@ def trajectories_to_batch(trajs: list[Trajectory], pad_id: int) -> tuple[torch.T
         ids[i, :n], lps[i, :n], mask[i, :n] = torch.tensor(t.ids), torch.tensor(t.logprobs), torch.tensor(
             t.loss_mask, dtype=torch.float32)
     return ids, lps, mask
+
+
+# ---- conversations in the chat template ---------------------------------------------------------------------
+class ChatConversation:
+    """One conversation in GLM-5's chat template, recorded through ``gateway`` (module docstring): a sample per
+    user turn in interleaved mode (clear_thinking=True), one growing sample in preserved mode. ``messages``
+    (ending with a user message) is the conversation so far; ``self.messages`` grows with the parsed turns.
+    ``max_tokens``: refuse a sample longer than the model's context (chat.render's ValueError)."""
+
+    def __init__(self, gateway: TITOGateway, conversation_id: str, messages: list[dict], tools=None, *,
+                 clear_thinking: bool = True, enable_thinking: bool = True, max_tokens: int | None = None,
+                 meta: dict | None = None):
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError(f"messages: expected a conversation ending with a user message, got "
+                             f"{messages[-1].get('role') if messages else 'no message'!r} last")
+        self.gateway, self.cid, self.tools = gateway, conversation_id, tools
+        self.clear_thinking, self.enable_thinking, self.max_tokens = clear_thinking, enable_thinking, max_tokens
+        self.meta, self.messages, self.samples, self.last_sampled = dict(meta or {}), list(messages), [], None
+        self.finished: list[Trajectory] = []
+        self._start(self.messages)
+
+    def _render(self, messages, prompt: bool) -> list[int]:
+        return render(messages, self.tools, add_generation_prompt=prompt, enable_thinking=self.enable_thinking,
+                      clear_thinking=self.clear_thinking, max_tokens=self.max_tokens).ids
+
+    def _start(self, messages) -> None:
+        rid = f"{self.cid}/{len(self.samples)}"
+        self.gateway.start(rid, self._render(messages, True), meta={**self.meta, "conversation": self.cid,
+                                                                    "turn": len(self.samples)})
+        self.samples.append(rid)
+
+    @property
+    def rollout_id(self) -> str:
+        """The live sample's rollout id."""
+        return self.samples[-1]
+
+    def context(self) -> list[int]:
+        """The ids the model continues from (the live sample, exactly as recorded)."""
+        return self.gateway.ids(self.rollout_id)
+
+    def record(self, ids: list[int], logprobs: list[float], version: int) -> dict:
+        """Record one sampled assistant turn (ids up to and including the stop token) and return it parsed
+        ({content, reasoning_content, tool_calls}); the parsed message joins ``self.messages``."""
+        self.gateway.record_generation(self.rollout_id, ids, logprobs, version)
+        msg = parse(list(ids), self.tools)
+        msg["tool_calls"] = [c for c in msg["tool_calls"] if c["function"]["name"]]  # a call with no name: none
+        self.messages.append({"role": "assistant", **msg})
+        self.last_sampled = ids[-1] if len(ids) else None
+        return msg
+
+    @torch.no_grad()
+    def generate(self, model, version: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None) -> dict:
+        """One assistant turn through the gateway (batch 1); returns the parsed message."""
+        x = torch.tensor([self.context()], dtype=torch.long, device=next(model.parameters()).device)
+        out, lps = model.generate(x, max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=CHAT_STOPS,
+                                  seed=seed, return_logprobs=True)
+        new, lps = trim_at_stop(out[0, x.shape[1]:].tolist(), lps[0].tolist(), CHAT_STOPS)
+        return self.record(new, lps, version)
+
+    def _append(self, new_messages: list[dict]) -> None:
+        """Append the template's delta for ``new_messages`` (an append-only extension) as environment ids."""
+        old = self._render(self.messages, False)
+        self.messages += new_messages
+        new = self._render(self.messages, True)
+        if new[:len(old)] != old:
+            raise ValueError(f"conversation {self.cid!r}: the rendering is not append-only here "
+                             f"(clear_thinking={self.clear_thinking}); start a new sample instead")
+        delta = new[len(old):]
+        if delta and delta[0] == self.last_sampled:  # the model already emitted this role token as its stop
+            delta = delta[1:]
+        self.gateway.record_environment(self.rollout_id, delta)
+
+    def tool_results(self, results: list[str]) -> None:
+        """The environment's answers to the last turn's tool calls, in order."""
+        self._append([{"role": "tool", "content": r} for r in results])
+
+    def user(self, text: str, enable_thinking: bool | None = None) -> None:
+        """A new user turn: a new sample in interleaved mode, appended in preserved mode."""
+        if enable_thinking is not None:
+            self.enable_thinking = enable_thinking
+        if self.clear_thinking:
+            self.finished.append(self.gateway.finish(self.rollout_id))
+            self.messages.append({"role": "user", "content": text})
+            self._start(self.messages)
+        else:
+            self._append([{"role": "user", "content": text}])
+
+    def rewrite(self, messages: list[dict]) -> None:
+        """Continue from rewritten history (context management): the live sample ends, a new one starts."""
+        self.finished.append(self.gateway.finish(self.rollout_id))
+        self.messages = list(messages)
+        self._start(self.messages)
+
+    def finish(self, reward: float | None = None, failed: bool = False) -> list[Trajectory]:
+        """End the conversation; every sample gets ``reward`` (and ``failed``). Returns the samples in order."""
+        self.finished.append(self.gateway.finish(self.rollout_id))
+        for t in self.finished:
+            t.reward, t.failed = reward, failed
+        return self.finished
+
+    def abort(self) -> None:
+        self.gateway.abort(self.rollout_id)

@@ -303,3 +303,11 @@ def test_a_checkpoint_without_mtp_weights_gets_an_error_that_says_so(tmp_path):
     with pytest.raises(ValueError) as err:
         GLM5ForCausalLM(cfg).load_hf_state_dict(state)
     assert "MTP layer" not in str(err.value)
+
+
+def test_pyproject_installs_every_package_of_the_source_tree():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "glm5_ref").rglob("__init__.py")}
+    assert found | {"glm5_kernels"} == listed, (found ^ listed)

@@ -43,12 +43,13 @@ def test_generate(trained, capsys):
 
 def test_demo_quick_then_reuse(tmp_path, capsys):
     out, figures = tmp_path / "run", tmp_path / "figures"
-    args = ["demo", "--config", "tiny", "--quick", "--minutes", "0.03", "--out", str(out), "--figures", str(figures)]
+    args = ["demo", "--config", "tiny", "--quick", "--out", str(out), "--figures", str(figures)]
     assert main(args) == 0
     text = capsys.readouterr().out
-    for part in ("GLM-5", "Training", "Code completions", "Speculative decoding", "Summary", "bits/byte"):
+    for part in ("GLM-5", "shipped", "speculative decoding", "dense vs DSA", "Training a fresh", "Summary",
+                 "bits/byte", "identical ids: True"):
         assert part in text, part
-    assert (figures / "06_tiny_loss.png").is_file() and (figures / "06_tiny_expert_load.png").is_file()
+    assert (figures / "live_loss.png").is_file() and (figures / "live_expert_load.png").is_file()
     assert main(args) == 0
     assert "reusing the finished run" in capsys.readouterr().out
 
@@ -58,7 +59,7 @@ def test_demo_quick_then_reuse(tmp_path, capsys):
     (["train", *TRAIN, "--minutes", "0"], "minutes"),
     (["train", *TRAIN, "--steps", "0"], "steps"),
     (["train", *TRAIN], "--minutes"),
-    (["demo", "--config", "tiny", "--quick", "--minutes", "-1"], "minutes"),
+    (["demo", "--config", "tiny", "--quick", "--minutes", "1"], "fixed number of steps"),
 ])
 def test_bad_input_exits_2(argv, message, tmp_path, capsys):
     argv = argv + (["--out", str(tmp_path / "x")] if argv[0] == "train" else ["--out", str(tmp_path / "x"),
@@ -95,3 +96,11 @@ def test_train_default_seq_len_fits_the_preset(tmp_path, capsys):
     assert main(["train", "--config", "tiny", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 0
     assert "trained 1 steps" in capsys.readouterr().out
+
+
+def test_post_train_quick_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "pt"
+    assert main(["post-train", "--quick", "--out", str(out)]) == 0
+    assert "goals:" in capsys.readouterr().out and (out / "post_training.json").is_file()
+    assert main(["post-train", "--quick", "--out", str(out)]) == 2  # exists: needs --resume
+    assert main(["post-train", "--quick", "--out", str(out), "--resume"]) == 0

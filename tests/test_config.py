@@ -178,3 +178,51 @@ def test_missing_or_malformed_config_json(tmp_path):
 def test_unknown_preset_name():
     with pytest.raises(ValueError, match="config name 'huge'"):
         GLM5Config.preset("huge")
+
+
+# zai-org/GLM-5's config.json as released (every field confirmed against copies of the file: the msModelSlim W8A8
+# recipe quotes it whole, and GLM-5.1's config.json has the same keys): rope_parameters, no rope_theta/rope_scaling.
+RELEASED_GLM5_CONFIG_JSON = {
+    "architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "dtype": "bfloat16",
+    "eos_token_id": [154820, 154827, 154829], "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "head_dim": 64, "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32, "index_topk": 2048,
+    "indexer_rope_interleave": True, "initializer_range": 0.02, "intermediate_size": 12288, "kv_lora_rank": 512,
+    "max_position_embeddings": 202752, "moe_intermediate_size": 2048, "moe_layer_freq": 1, "model_type": "glm_moe_dsa",
+    "n_group": 1, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64,
+    "num_experts_per_tok": 8, "num_hidden_layers": 78, "num_key_value_heads": 64, "num_nextn_predict_layers": 1,
+    "pad_token_id": 154820, "pretraining_tp": 1, "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_interleave": True,
+    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+    "transformers_version": "5.0.2.dev0", "use_cache": True, "v_head_dim": 256, "vocab_size": 154880,
+}
+
+
+def test_to_hf_of_glm5_is_the_released_config_json_key_for_key():
+    from glm5_ref.config import PROJECT_KEYS
+
+    ours = json.loads(json.dumps(GLM5Config.glm5().to_hf()))
+    documented_additions, documented_omissions = set(PROJECT_KEYS), {"transformers_version"}
+    assert set(ours) - documented_additions == set(RELEASED_GLM5_CONFIG_JSON) - documented_omissions
+    for key in set(ours) - documented_additions:
+        assert ours[key] == RELEASED_GLM5_CONFIG_JSON[key], key
+    assert "rope_theta" not in ours and "rope_scaling" not in ours
+    assert GLM5Config.from_hf(RELEASED_GLM5_CONFIG_JSON) == GLM5Config.glm5()
+    assert GLM5Config.glm5().pad_token_id == 154820 and GLM5Config.glm5().eos_token_id == (154820, 154827, 154829)
+
+
+def test_the_fp8_release_config_reads_and_other_quantizations_do_not():
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic",
+           "modules_to_not_convert": ["lm_head"]}
+    assert GLM5Config.from_hf({**RELEASED_GLM5_CONFIG_JSON, "quantization_config": fp8}) == GLM5Config.glm5()
+    for bad in ({**fp8, "weight_block_size": [128]}, {**fp8, "weight_block_size": [0, 128]}, {**fp8, "fmt": "e5m2"},
+                {**fp8, "activation_scheme": "static"}, {"quant_method": "compressed-tensors"}):
+        with pytest.raises(ValueError, match="quantization_config"):
+            GLM5Config.from_hf({**RELEASED_GLM5_CONFIG_JSON, "quantization_config": bad})
+
+
+@pytest.mark.parametrize("field, value", [("pad_token_id", 154880), ("pad_token_id", -1), ("eos_token_id", (1, 10**6)),
+                                          ("pad_token_id", True)])
+def test_token_ids_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(GLM5Config.glm5(), **{field: value})

@@ -94,6 +94,29 @@ def test_bits_per_byte_by_hand():
     assert result["bpb"] == pytest.approx(data.uniform_bpb(window, byte_lengths=lengths))
 
 
+def test_evaluate_score_from_scores_only_the_later_tokens():
+    """score_from = s scores targets s+1 .. T of each window (with the whole window as context): the nats of
+    the two parts add up to the whole, and a model that is right only late in the window is perfect there."""
+    V, T = 16, 9
+
+    class LateOracle(torch.nn.Module):  # certain of the next token from position 4 on, uniform before
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, V)
+            nxt = torch.roll(ids, -1, dims=1)
+            logits[:, 4:].scatter_(-1, nxt[:, 4:, None], 60.0)
+            return type("Out", (), {"logits": logits})()
+
+    windows = torch.randint(0, V, (3, T + 1), generator=torch.Generator().manual_seed(0))
+    lengths = torch.ones(V, dtype=torch.long)
+    whole = data.evaluate(LateOracle(), windows, byte_lengths=lengths)
+    late = data.evaluate(LateOracle(), windows, byte_lengths=lengths, score_from=4)
+    early_nats = 3 * 4 * math.log(V)  # targets 1..4 of each window under the uniform guess
+    assert late["tokens"] == 3 * (T - 4) and late["loss"] < 1e-20
+    assert whole["nats"] == pytest.approx(early_nats + late["nats"])
+    with pytest.raises(ValueError, match="score_from"):
+        data.evaluate(LateOracle(), windows, score_from=T)
+
+
 def test_eval_windows_fixed_and_non_overlapping():
     ids = torch.arange(101)
     w = data.eval_windows(ids, seq_len=10)

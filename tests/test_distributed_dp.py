@@ -60,6 +60,14 @@ def single_process(optimizer: str) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items()}, norms
 
 
+def adamw_updated(optimizer: str) -> set[str]:
+    """Names of the parameters AdamW updates under ``optimizer`` (with "muon", still the embeddings, head, norms)."""
+    model = fresh_model()
+    opt = build_optimizer(model, optimizer, 0.01)
+    ids = {id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
 def dp_steps(dp: DataParallel, optimizer: str) -> dict:
     model = fresh_model()
     dp.prepare(model)
@@ -134,10 +142,13 @@ def test_dp_steps_equal_single_process_steps_on_the_combined_batch(job, k):
     ranks = [r["steps"][k] for r in job["results"]]
     full = ranks[0]["full"]
     assert full.keys() == ref.keys()
+    by_adamw = adamw_updated(optimizer)
+    assert "model.embed_tokens.weight" in by_adamw
     for name, t in ref.items():
         # AdamW divides by sqrt(v) + eps: entries whose gradient is near 0 amplify the rounding of the
-        # all-reduced sum (2e-5 measured); Muon's orthogonalization does not (2e-6). The bias moves by +-gamma.
-        tol = 0 if name.endswith("e_score_correction_bias") else 1e-4 if optimizer == "adamw" else 1e-5
+        # all-reduced sum (2e-5 measured; 1.2e-5 on the embeddings of a "muon" run, which AdamW also updates);
+        # Muon's orthogonalization does not (2e-6). The bias moves by +-gamma.
+        tol = 0 if name.endswith("e_score_correction_bias") else 1e-4 if name in by_adamw else 1e-5
         assert rel(full[name], t) <= tol, f"{name} after {STEPS} steps ({optimizer}, ep={ep})"
     # AdamW and Muon are blind to a gradient's scale: the norms catch a wrong 1/W (e.g. on the experts)
     for a, b in zip(ranks[0]["grad_norms"], ref_norms):

@@ -267,3 +267,43 @@ def test_indexer_loss_and_tokens_per_expert_are_reported():
     before = [m.gate.e_score_correction_bias.clone() for m in moe]
     model.update_router_biases(out.tokens_per_expert)
     assert all(not torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(before, moe))
+
+
+# ---- fidelity to the release (issue 22) ---------------------------------------------------------------------------
+def test_the_embedding_pads_with_pad_token_id_as_transformers_does(tmp_path):
+    from glm5_ref.model import MTP_POSITION0  # noqa: F401  (the documented MTP choice, tested below)
+
+    with torch.device("meta"):
+        assert GLM5ForCausalLM(GLM5Config.glm5()).model.embed_tokens.padding_idx == 154820
+    config = dataclasses.replace(GLM5Config.tiny(), pad_token_id=3)
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(config)
+    emb = model.model.embed_tokens
+    assert emb.padding_idx == 3 and not emb.weight[3].any()  # starts at zero
+    ids = torch.tensor([[3, 5, 3, 7]])
+    model(ids, labels=ids).loss.backward()
+    assert not emb.weight.grad[3].any() and emb.weight.grad[5].any()  # no gradient for the pad row
+    with torch.no_grad():
+        emb.weight[3] = 1.0  # a checkpoint's pad row is whatever it stored: lookups read it
+    model.save_pretrained(tmp_path)
+    loaded = GLM5ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.embed_tokens.padding_idx == 3
+    assert torch.equal(loaded.model.embed_tokens(torch.tensor([3])), torch.ones(1, config.hidden_size))
+
+
+def test_mtp_reads_the_normed_hidden_state_and_keeps_the_embedding_at_position_0():
+    from glm5_ref.model import MTP_POSITION0
+    from glm5_ref.mtp import MTP_HIDDEN
+
+    assert MTP_HIDDEN == "normed" and MTP_POSITION0 == "embedding"
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(GLM5Config.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        h0 = model.model.norm(model(ids).hidden_states)  # what speculative decoding and mtp_losses pass
+        embeds = model.model.embed_tokens(ids[:, 1:])  # the token one step ahead of each position
+        ours = model.mtp.step(h0[:, :-1], embeds, torch.arange(7)).hidden
+        vllm = embeds.clone()
+        vllm[:, 0] = 0  # vLLM: inputs_embeds[positions == 0] = 0
+        zeroed = model.mtp.step(h0[:, :-1], vllm, torch.arange(7)).hidden
+    assert not torch.allclose(ours[:, 0], zeroed[:, 0])  # position 0 sees token 1's embedding here, not in vLLM

@@ -24,8 +24,8 @@ The loop (GLM-5 section 4.1.1; glm5_spec.md section 8), ``AsyncRLLoop``:
 Choices where the paper is silent: the task; threads instead of processes (torch releases the GIL in its kernels;
 the toy model is small); the unit of work is one rollout, not one group; padding repeats valid samples in order
 (cyclic); staleness is judged when a batch is formed; AdamW (reset on push); gradient-norm clipping at 1.0.
-Not handled: several task types and their ratio, DP-aware routing, processes / remote engines, persisting the
-replay state across restarts. Runs are not bit-reproducible (thread timing decides versions).
+An env with a ``rollout`` method plays its own episodes. Not handled: task mixes, DP-aware routing, processes,
+persisting the replay state across restarts. Runs are not bit-reproducible (thread timing decides versions).
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ class RolloutWorker:
                     return
                 self.current = (a, rollout_id)
             try:
-                traj = run_rollout(self.policy, loop.env, a.task, loop.gateway, rollout_id, a.seed,
-                                   loop.cfg.temperature, self._between_turns)
+                traj = getattr(loop.env, "rollout", run_rollout)(self.policy, loop.env, a.task, loop.gateway,  # env's own
+                                                                 rollout_id, a.seed, loop.cfg.temperature, self._between_turns)
             except Exception:  # killed, or anything unexpected: report nothing; the supervisor writes it off
                 loop.gateway.abort(rollout_id)
                 self.refused += int(self.dead)  # a zombie whose rollout the gateway no longer knows

@@ -236,21 +236,25 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = 16, byte_lengths: torch.Tensor | None = None) -> dict:
+def evaluate(model, windows: torch.Tensor, batch_size: int = 16, byte_lengths: torch.Tensor | None = None,
+             score_from: int = 0) -> dict:
     """Validation loss of ``model`` on fixed windows (W, T + 1): each window is read whole and its last T tokens
-    are scored. Returns {"loss": nats/token, "bpb": bits/byte, "tokens", "bytes", "nats"}.
+    are scored (only those after the first ``score_from`` of them: how well the model uses context beyond
+    ``score_from`` tokens). Returns {"loss": nats/token, "bpb": bits/byte, "tokens", "bytes", "nats"}.
 
     ``model(ids)`` must return an object with ``.logits`` (B, T + 1, V) (GLM5ForCausalLM does)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"evaluate windows: expected (W, T + 1) with T >= 1, got {tuple(windows.shape)}")
+    if not 0 <= score_from < windows.shape[1] - 1:
+        raise ValueError(f"evaluate score_from: expected 0 <= score_from < T = {windows.shape[1] - 1}, got {score_from}")
     byte_lengths = token_byte_lengths() if byte_lengths is None else byte_lengths
     was_training = model.training
     model.eval()
     nats, tokens, nbytes = 0.0, 0, 0
     try:
         for chunk in windows.split(batch_size):
-            logits = model(chunk).logits[:, :-1].float()  # (B, T, V): position t predicts token t + 1
-            targets = chunk[:, 1:]  # (B, T)
+            logits = model(chunk).logits[:, score_from:-1].float()  # (B, T', V): position t predicts token t + 1
+            targets = chunk[:, score_from + 1:]  # (B, T')
             nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                     reduction="sum").item()
             tokens += targets.numel()

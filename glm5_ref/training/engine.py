@@ -1,8 +1,9 @@
 """The training engine: one learning-rate schedule, the DSA stages, one optimizer step, and ``Trainer``.
 
 Every training loop of the project runs on this file: the classroom run and the train CLI (run.py), the demo,
-the experiments (muon-split, long-context), the RL warm start and updates (apps/tool_env.py, apps/agentic.py),
-the MTP model of the spec-decode benchmark (apps/classroom_model.py) and scripts/compare_dense.py.
+the experiments (muon-split, long-context, quantization), the recipe's stages (apps/recipe.py), the RL warm
+start and updates (apps/tool_env.py, apps/agentic.py), post-training (apps/post_train/) and
+scripts/compare_dense.py.
 
 One step (``train_step``; GLM-5 report section 2 and appendix A, glm5_spec.md sections 4-7)
     loss, out = loss_fn(model, batch)     default: out = model(batch, labels=batch, indexer_loss=stage != "dense")

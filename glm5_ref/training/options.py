@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from glm5_ref.config import GLM5Config
@@ -87,6 +88,7 @@ class RunOptions:
     mtp_start: float = 0.0
     bias_update_speed: float | None = None
     seed: int = 0
+    init_from: str | None = None      # start from this checkpoint's weights (fresh optimizer, schedule, data order)
 
     def validate(self, config: GLM5Config) -> None:
         if self.minutes is None and self.steps is None:
@@ -113,10 +115,13 @@ class RunOptions:
         if not 0 <= self.mtp_start <= 1:
             raise ValueError(f"mtp_start: expected a fraction of the run in [0, 1], got {self.mtp_start!r}")
         parse_dsa_schedule(self.dsa_stage)
+        if self.init_from is not None and not isinstance(self.init_from, (str, os.PathLike)):
+            raise ValueError(f"init_from: expected a checkpoint path or None, got {type(self.init_from).__name__}")
 
     def record(self, config: GLM5Config) -> dict:
         """The options as stored in the checkpoint (JSON-safe)."""
         out = dataclasses.asdict(self) | {"config": config.name}
+        out["init_from"] = os.fspath(self.init_from) if self.init_from is not None else None
         out["dsa_stage"] = self.dsa_stage if isinstance(self.dsa_stage, str) else [list(p) for p in self.dsa_stage]
         out["eval_windows"] = out.pop("eval_windows_n")
         return out

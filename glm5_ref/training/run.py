@@ -173,13 +173,15 @@ class ClassroomRun:
     def _build_model(self, from_checkpoint: bool) -> GLM5ForCausalLM:
         torch.manual_seed(self.opts.seed)
         model = GLM5ForCausalLM(self.config)
-        if from_checkpoint:
-            ckpt = find_checkpoint(self.out_dir)
+        source = self.out_dir if from_checkpoint else self.opts.init_from
+        if source is not None:  # this run's own checkpoint (resume), or the weights it starts from (init_from)
+            ckpt = find_checkpoint(source)
             saved_config = GLM5Config.from_hf(ckpt)
             if saved_config != self.config:
-                raise ValueError(f"resume: the checkpoint in {os.fspath(ckpt)} has a different config "
+                what = "resume" if from_checkpoint else "init_from"
+                raise ValueError(f"{what}: the checkpoint in {os.fspath(ckpt)} has a different config "
                                  f"({saved_config.name}) than the one given ({self.config.name})")
-            model = GLM5ForCausalLM.from_pretrained(ckpt)
+            model = GLM5ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         if self.dp is not None:
             self.dp.prepare(model)  # to the rank's device, experts sharded (expert parallel), DDP
         return model.train()

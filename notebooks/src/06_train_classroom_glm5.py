@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from glm5_ref.training.data import bits_per_byte, build_splits, eval_windows, evaluate, token_byte_lengths, uniform_bpb
-from glm5_ref.apps.demo import complete, plot_expert_load, plot_training
+from glm5_ref.apps.demo import complete
+from glm5_ref.apps.plots import plot_expert_load, plot_training
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.moe import MoE
 from glm5_ref.training.optim import build_optimizer
@@ -67,7 +68,8 @@ print("validation files, e.g.:", splits.val.doc_names[:4])
 print(repr(decode(splits.train.ids[1000:1040].tolist())))
 
 # %% [markdown]
-# A model that knows nothing puts $1/4096$ on every id: $\ln 4096 = 8.32$ nats per token. On the fixed
+# A model that knows nothing puts $1/4112$ on every id of the vocabulary (4,088 byte-level tokens and 24 special
+# ones): $\ln 4112 = 8.32$ nats per token. On the fixed
 # validation windows that is the ceiling any trained model must get below, in bits per byte:
 
 # %%
@@ -75,8 +77,8 @@ SEQ_LEN = 256
 windows = eval_windows(splits.val.ids, SEQ_LEN, max_windows=16)  # the same 16 windows every time
 uniform = uniform_bpb(windows)
 byte_lengths = token_byte_lengths()
-by_hand = windows[:, 1:].numel() * math.log(4096) / (math.log(2) * int(byte_lengths[windows[:, 1:]].sum()))
-print(f"uniform guess: {math.log(4096):.3f} nats/token = {uniform:.3f} bits/byte")
+by_hand = windows[:, 1:].numel() * math.log(4112) / (math.log(2) * int(byte_lengths[windows[:, 1:]].sum()))
+print(f"uniform guess: {math.log(4112):.3f} nats/token = {uniform:.3f} bits/byte")
 assert abs(by_hand - uniform) < 1e-12 and abs(bits_per_byte(math.log(2) * 8, 1) - 8) < 1e-12
 
 # %% [markdown]
@@ -87,7 +89,7 @@ assert abs(by_hand - uniform) < 1e-12 and abs(bits_per_byte(math.log(2) * 8, 1) 
 # layer. We do it by hand on one copy of the model and with `train_step` on another, and compare the weights.
 
 # %%
-tiny = GLM5ForCausalLM(resolve_config("tiny"))  # the tiny config, vocabulary widened to the tokenizer's 4096
+tiny = GLM5ForCausalLM(resolve_config("tiny"))  # the tiny config, vocabulary widened to the tokenizer's 4112
 batch = splits.train.ids[:2 * 33].reshape(2, 33)  # (B, T + 1): read all, predict the last T
 a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
 opt_a, opt_b = build_optimizer(a, "adamw", 1e-3), build_optimizer(b, "adamw", 1e-3)
@@ -223,21 +225,32 @@ dense_eval = evaluate(model, windows)
 print(f"bits/byte: dense attention {dense_eval['bpb']:.4f}, top-128 DSA {sparse_eval['bpb']:.4f}")
 
 # %% [markdown]
-# ## The demo's run, if `make demo` has been run here
+# ## The whole recipe: the shipped classroom-base model
+#
+# Forty seconds show the mechanics. The project also ships the classroom GLM-5 trained by GLM-5's own
+# pre-training recipe for about two hours (`python -m glm5_ref recipe base`, glm5_ref/apps/recipe.py):
+# pre-training at 256 tokens with Muon Split and MTP over 3 depths from the start, mid-training at 1,024 tokens
+# on long documents packed with related files, the indexer's dense warm-up with everything else frozen, and
+# sparse adaptation. Its validation curve, stage by stage, from its model card:
 
 # %%
-demo_dir = Path("..") / "runs" / "classroom"
-demo = read_trainer_state(demo_dir)
-if demo.get("finished"):
-    demo_log = read_log(demo_dir)
-    print(f"runs/classroom: {demo['tokens']:,} tokens in {demo['elapsed_s'] / 60:.1f} min, validation "
-          f"{demo['last_eval']['val_bpb']:.3f} bits/byte")
-    demo_model = GLM5ForCausalLM.from_pretrained(demo_dir / "checkpoint").eval()
-    set_dsa_stage(demo_model, "sparse" if demo.get("attention") == "sparse" else "dense")
-    prompt = "def fibonacci(n):\n    "
-    print(repr(prompt + complete(demo_model, prompt, 48)))
-else:
-    print("no finished run in runs/classroom (run `make demo`); the short run above is this notebook's result")
+from glm5_ref.pretrained import load_pretrained, read_metrics
+
+card = read_metrics("classroom-base")
+fig, ax = plt.subplots(figsize=(8, 3.5))
+for stage in card["recipe"]["stages"]:
+    pts = [r for r in card["curve"] if r["stage_name"] == stage["name"]]
+    ax.plot([r["tokens_total"] / 1e6 for r in pts], [r["val_bpb"] for r in pts], "o-", ms=3, label=stage["name"])
+ax.set(xlabel="tokens trained (millions)", ylabel="validation bits per byte", title="classroom-base, the recipe")
+ax.legend()
+fig.tight_layout()
+fig.savefig(FIGURES / "06_recipe_curve.png", dpi=110)
+plt.close(fig)
+display(Image(str(FIGURES / "06_recipe_curve.png")))
+shipped, _ = load_pretrained("classroom-base")
+print(f"{card['recipe']['tokens']:,} tokens; test {card['test_bpb']:.3f} bits/byte")
+prompt = "def fibonacci(n):\n    "
+print(repr(prompt + complete(shipped, prompt, 48)))
 
 # %% [markdown]
 # ## Checks

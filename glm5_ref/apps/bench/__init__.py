@@ -12,6 +12,7 @@ returning the rows to print. Register its name in BENCHMARKS below.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "dsa-decode": "one decode step of a GLM-5 attention layer at 32K/128K: DSA (indexer + top-k) vs dense MLA",
     "decode": "classroom GLM-5 greedy generation, 128 tokens after 512: cached vs uncached tokens/s",
     "train-step": "classroom GLM-5 training step (fwd+bwd+optimizer) vs an all-dense model of matched active size",
+    "vs-transformers": "glm5_ref vs transformers GlmMoeDsaForCausalLM, same weights: prefill, decode, train step",
     "spec-decode": "trained classroom GLM-5, 256 greedy tokens: MTP speculative decoding (3 drafts) vs plain",
     "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
     "rl-async": "the same RL updates with synchronous vs asynchronous rollouts under long-tailed env latency",
@@ -62,11 +64,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(name: str, as_json: bool = False, quick: bool = False) -> dict | list[dict]:
+def run_benchmark(name: str, as_json: bool = False, quick: bool = False, ckpt: str | None = None) -> dict | list[dict]:
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark {name!r}: expected one of {sorted(BENCHMARKS)}")
     module = importlib.import_module(f"glm5_ref.apps.bench.{name.replace('-', '_')}")
-    result = module.run(quick=quick)
+    if ckpt is not None and "ckpt" not in inspect.signature(module.run).parameters:
+        raise ValueError(f"--ckpt: benchmark {name!r} does not take a checkpoint")
+    result = module.run(quick=quick, **({"ckpt": ckpt} if ckpt is not None else {}))
     rows = result if isinstance(result, list) else [result]
     print(f"# bench {name}: {BENCHMARKS[name]}")
     print(format_table(rows))

@@ -1,10 +1,9 @@
 """Speculative decoding with the MTP layer (3 drafts per round) against plain cached greedy decoding.
 
-Model: a trained classroom GLM-5 (classroom_ckpt.trained_model): the demo's finished run in runs/classroom/ if
-there is one, else the model cached in runs/spec_bench/, else one trained now (6 minutes; quick: 40 s of a
-smaller model) and cached. Random weights would accept no draft, so they are never used.
+Model: the shipped classroom-base (glm5_ref.load_pretrained, trained by the recipe with MTP throughout), or the
+checkpoint given with ``--ckpt``; never whatever runs/ happens to hold.
 
-Protocol: code prompts of 96 tokens from held-out documents (the validation split of the corpus); for each,
+Protocol: code prompts of 96 tokens from held-out documents (the pretraining corpus's test split); for each,
 ``model.generate(prompt, 256)`` (plain: one main forward per token) and ``speculative_generate(model, prompt,
 256, 3)`` (speculative), back to back in alternating order, ``repeats`` times.
     plain_tok_s, spec_tok_s   new tokens / wall seconds, summed over prompts and repeats; speedup = their ratio
@@ -34,7 +33,10 @@ import time
 import torch
 
 from glm5_ref.apps.bench import timeit
-from glm5_ref.apps.classroom_model import code_prompts, trained_model
+from glm5_ref.apps.model_card import held_out_prompts
+from glm5_ref.pretrained import load_pretrained, read_metrics
+from glm5_ref.training.checkpoint import read_trainer_state
+from glm5_ref.training.run import load_model
 from glm5_ref.dsa import DSACache
 from glm5_ref.speculative import speculative_generate
 
@@ -72,12 +74,19 @@ def step_costs(model, prompt: torch.Tensor, context: int, verify_tokens=(DRAFT_S
             "mtp_step_ms": timeit(mtp_step, repeats)}
 
 
-def run(quick: bool = False, use_classroom: bool = True) -> dict:
-    """``use_classroom=False`` skips runs/classroom/ and uses (or trains) the runs/spec_bench/ model."""
+def run(quick: bool = False, ckpt: str | None = None) -> dict:
+    """The shipped classroom-base model (``ckpt``: another checkpoint folder or training run instead), prompts from
+    the pretraining corpus's held-out test documents."""
     torch.manual_seed(0)
-    model, info = trained_model(quick=quick, use_classroom=use_classroom, progress=not quick)
+    if ckpt is None:
+        model, _ = load_pretrained("classroom-base")
+        info = {"source": "shipped", "path": "glm5_ref/assets/checkpoints/classroom-base",
+                **{k: v for k, v in read_metrics("classroom-base").items() if k in ("attention",)},
+                "tokens": read_metrics("classroom-base")["recipe"]["tokens"]}
+    else:
+        model, info = load_model(ckpt), {"source": "--ckpt", "path": ckpt, **read_trainer_state(ckpt)}
     n_prompts, prompt_len, new, repeats = (2, 96, 64, 1) if quick else (4, 96, 256, 2)
-    prompts = code_prompts(n_prompts, prompt_len)
+    prompts = held_out_prompts(n_prompts, prompt_len)
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.generate(prompts[0][:, :16], 4)
         speculative_generate(model, prompts[0][:, :16], 8, DRAFT_STEPS)

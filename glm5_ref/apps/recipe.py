@@ -1,0 +1,164 @@
+"""`python -m glm5_ref recipe base`: GLM-5's pre-training recipe, run end to end at classroom scale.
+
+GLM-5 (report section 2) pre-trains at short context, mid-trains with longer context on up-sampled long
+documents and synthetic long-range data, then adapts to DSA: a dense warm-up that trains the lightning indexer
+alone with the base frozen (1,000 steps), then sparse training of everything (20B tokens). MTP with three shared
+depths trains throughout, and Muon Split updates the matrices. The same stages here, each one a run of the
+training engine (training/run.py) that starts from the previous stage's weights:
+
+    stage         context  what trains                              data                               DSA
+    pretrain      256      everything, Muon Split + AdamW, MTP x3   pretraining corpus (train split)   dense
+    midtrain      1024     everything, lower lr, MTP x3             long documents up-sampled, related dense
+                                                                    documents packed together
+    dsa-warmup    1024     the indexers alone (KL to the attention) the same long stream               warmup
+    dsa-sparse    1024     everything, top-k attention, MTP x3      the same long stream               sparse
+
+The long stream (``long_stream``): the training documents reordered so that related files sit next to each other
+in the token stream (a module, then its tests: ``json/decoder.py`` before ``test/test_json/test_decoder.py``), and
+every document of 2,048 tokens or more twice. A window of 1,024 tokens that spans a module and its test then
+holds long-range dependencies the short windows never see: the test calls functions defined far back (the
+"interleaved packing of similar documents" of the paper's mid-training data, section 2.3, at file scale).
+
+Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
+interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
+recipe is the same on a busy or an idle machine (only the wall time differs). OUT/recipe.json records the stages,
+their tokens, wall time and final validation numbers. ``--quick`` runs the same stages on the tiny config for a
+few steps (CI). ``ship`` (python -m glm5_ref recipe ship) exports the final stage to the shipped layout
+(glm5_ref/assets/checkpoints/classroom-base/, apps/model_card.py measures and writes the card).
+
+Choices where the paper is silent or does not fit a CPU: the lengths (256 and 1,024 instead of 4K and 32K-200K);
+the token budgets (set by a two-hour CPU budget: a classroom step with MTP x3 costs ~2.3 s for 2,048 tokens on 2
+cores); Muon Split at lr 8e-3 ("match_rms_adamw", so AdamW shares it) with a 3% warm-up and a cosine to 10%;
+mid-training from where pre-training's cosine ended (8e-4, then a cosine to 10% of it); the indexer warm-up at lr
+1e-3 (AdamW, the base frozen); sparse adaptation at half the mid-training lr; MTP loss weight 0.3
+(config.mtp_loss_weight, GLM-4.5's; the paper gives none). The first full run re-warmed mid-training to 2.5e-3
+and sparse adaptation to 1e-3: the 256-token validation loss rose from 1.367 to 1.478 bits/byte in mid-training
+(forgetting, not a longer-context gain: at 512 tokens it reached 1.523) and the shipped model measured 1.547 on
+the test windows; continuing from the decayed lr is the usual practice for mid-training and annealing. Not done: contexts beyond 1,024 (the classroom model's
+positions go to 4,096, but a 4K step costs ~4x a 1K step here), MRCR-style synthetic recall data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glm5_ref.config import GLM5Config
+from glm5_ref.training.checkpoint import find_checkpoint, read_trainer_state
+from glm5_ref.training.data import CorpusSplits, Split, build_splits
+from glm5_ref.training.options import resolve_config
+from glm5_ref.training.run import train
+
+DEFAULT_OUT = Path("runs") / "recipe-base"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    dsa_stage: str            # "dense", "warmup" or "sparse" (training.engine.set_dsa_stage)
+    data: str                 # "short": the pretraining corpus as it is; "long": long_stream()
+    optimizer: str = "muon_split"
+    warmup: float = 0.03
+    min_lr_ratio: float = 0.1
+
+
+FULL = (
+    Stage("pretrain", 256, 8, 2600, 8e-3, "dense", "short"),
+    Stage("midtrain", 1024, 2, 150, 8e-4, "dense", "long"),
+    Stage("dsa-warmup", 1024, 2, 100, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.1, min_lr_ratio=1.0),
+    Stage("dsa-sparse", 1024, 2, 150, 4e-4, "sparse", "long", warmup=0.1),
+)
+QUICK = (
+    Stage("pretrain", 64, 4, 8, 1e-2, "dense", "short"),
+    Stage("midtrain", 128, 2, 4, 3e-3, "dense", "long"),
+    Stage("dsa-warmup", 128, 2, 4, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.25, min_lr_ratio=1.0),
+    Stage("dsa-sparse", 128, 2, 4, 1e-3, "sparse", "long", warmup=0.25),
+)
+
+
+def _module_key(path: str) -> str:
+    """The module a file belongs to: json/decoder.py -> json.decoder; test/test_json/test_decoder.py ->
+    json.decoder; test/test_argparse.py -> argparse (tests point at what they test)."""
+    parts = path[:-3].split("/") if path.endswith(".py") else path.split("/")
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    if parts and parts[0] == "test":
+        parts = [p[5:] if p.startswith("test_") else p for p in parts[1:]]
+    return ".".join(p for p in parts if p) or path
+
+
+def long_stream(train: Split, min_long_tokens: int = 2048, seed: int = 0) -> Split:
+    """The mid-training stream (module docstring): documents grouped by the module they belong to (modules before
+    their tests), groups in a seeded random order, every document of >= min_long_tokens tokens twice."""
+    ends = train.doc_offsets[1:] + [len(train)]
+    docs = [(name, train.ids[a:b]) for name, a, b in zip(train.doc_names, train.doc_offsets, ends)]
+    groups: dict[str, list] = {}  # top-level module -> its files and their tests
+    for name, ids in docs:
+        groups.setdefault(_module_key(name).split(".")[0], []).append((name.startswith("test/"), name, ids))
+    keys = sorted(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    pieces, names, offsets, n = [], [], [], 0
+    for i in order:
+        for _, name, ids in sorted(groups[keys[i]], key=lambda d: (d[0], d[1])):  # modules first, then tests
+            for _ in range(2 if len(ids) >= min_long_tokens else 1):
+                pieces.append(ids)
+                names.append(name)
+                offsets.append(n)
+                n += len(ids)
+    return Split(torch.cat(pieces), names, offsets, train.num_bytes)
+
+
+def stage_dir(out: Path, i: int, stage: Stage) -> Path:
+    return out / f"{i + 1:02d}_{stage.name}"
+
+
+def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, resume: bool = False,
+               progress: bool = True, config: GLM5Config | None = None) -> dict:
+    """Run (or resume) every stage; returns the summary written to OUT/recipe.json."""
+    out = Path(out_dir) if out_dir is not None else (DEFAULT_OUT.with_name("recipe-base-quick") if quick else DEFAULT_OUT)
+    stages = QUICK if quick else FULL
+    cfg = config if config is not None else resolve_config("tiny" if quick else "classroom")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ValueError(f"out_dir {os.fspath(out)} already holds a recipe run: continue it with --resume, or "
+                         "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    pre = build_splits(corpus="pretrain")
+    data = {"short": pre, "long": CorpusSplits(long_stream(pre.train), pre.val, pre.test)}
+    summary = {"recipe": "base", "quick": quick, "config": cfg.name, "stages": [], "started": time.time()}
+    previous = None
+    for i, st in enumerate(stages):
+        folder = stage_dir(out, i, st)
+        info = read_trainer_state(folder)
+        if info.get("finished"):
+            print(f"[recipe] {st.name}: finished earlier ({info['step']} steps), skipped")
+        else:
+            print(f"[recipe] stage {i + 1}/{len(stages)} {st.name}: {st.steps} steps of {st.batch_size} x "
+                  f"{st.seq_len} tokens, {st.dsa_stage} attention, {st.optimizer} lr {st.lr:g}")
+            train(cfg, folder, steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
+                  optimizer=st.optimizer, warmup=st.warmup, min_lr_ratio=st.min_lr_ratio, dsa_stage=st.dsa_stage,
+                  num_evals=4, eval_windows_n=8 if quick else 48, eval_batch_size=8,
+                  init_from=None if previous is None else os.fspath(previous), resume=bool(info),
+                  overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0)
+            info = read_trainer_state(folder)
+        summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
+                                  "final_eval": info.get("last_eval", {}), "checkpoint": os.fspath(folder)})
+        previous = find_checkpoint(folder)
+    summary["tokens"] = sum(s["tokens"] for s in summary["stages"])
+    summary["train_s"] = sum(s["train_s"] for s in summary["stages"])
+    summary["final_checkpoint"] = os.fspath(previous)
+    tmp = out / "recipe.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "recipe.json")
+    print(f"[recipe] done: {summary['tokens']:,} tokens in {summary['train_s'] / 60:.1f} min of training; "
+          f"final checkpoint {summary['final_checkpoint']}")
+    return summary
