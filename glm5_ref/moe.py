@@ -22,8 +22,8 @@ Two twins compute the experts, and a test holds them equal (forward and gradient
                   (torch._grouped_mm; gate and up fused), scale by the gate weights, and index_add back to
                   the tokens (unpermute + combine). Where no grouped GEMM can run (fp64; widths whose rows are
                   not 16-byte aligned; non-bf16 on GPU) the same segments go through one expert call each.
-                  With fewer token-slots than experts (decoding a few tokens) each slot gathers its expert's
-                  weights and one batched matmul per projection runs them: no call for the empty segments.
+                  With fewer token-slots than experts (decoding a few tokens) the non-empty segments run one
+                  call each on views of the packed weights: no call for the empty ones.
 A grouped GEMM needs all experts' weights in one (E, ...) tensor. The checkpoint (and ``impl="loop"``) want one
 SwiGLU per expert, so at build time the experts' parameters become VIEWS of two packed tensors, gate|up
 (E, 2I, d) (the layout transformers calls gate_up_proj) and down (E, d, I): no copy at forward time, gradients
@@ -265,13 +265,17 @@ class MoE(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)  # (E,)
             ys = moe_experts(xs.contiguous(), gate_up, down, offs, w.reshape(-1).contiguous())  # (S, d)
             return torch.zeros_like(h).index_add_(0, token_of_slot, ys)
-        if N * K < len(self.experts):  # decode: fewer token-slots than experts, so most segments are empty
-            # gather each slot's expert weights and run one batched matmul per projection: the weights read are
-            # those of the selected experts only, and no per-expert call is made for the empty segments
+        if N * K < len(self.experts) and not torch.compiler.is_compiling():
+            # decode: fewer token-slots than experts, so most segments are empty; one call per non-empty segment
+            # on views of the packed weights (no copy), none for the empty ones
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
-            sel = topk_idx.reshape(-1)[order]  # (S,) expert of each sorted slot
-            g, u = torch.bmm(gate_up[sel], xs[:, :, None])[..., 0].chunk(2, dim=-1)  # (S, I) each
-            ys = torch.bmm(down[sel], (F.silu(g) * u * w).to(h.dtype)[:, :, None])[..., 0]  # (S, d)
+            pieces, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)  # (n_e, I) each
+                    pieces.append(F.linear((F.silu(g) * u * w[start:start + n]).to(h.dtype), down[e]))  # (n_e, d)
+                start += n
+            ys = torch.cat(pieces)  # (S, d)
         elif grouped_mm_supported(h.dtype, h.device, h.shape[1], I):
             gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's segment
