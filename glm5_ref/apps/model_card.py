@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from glm5_ref.apps.demo import PROMPTS, complete
+from glm5_ref.apps.demo import PROMPTS, complete, speculative_numbers
 from glm5_ref.pretrained import CHECKPOINTS, REBUILD, write_shipped
-from glm5_ref.speculative import speculative_generate
 from glm5_ref.tokenizer import encode
 from glm5_ref.training.checkpoint import find_checkpoint, read_trainer_state
 from glm5_ref.training.data import build_splits, eval_windows, evaluate, token_byte_lengths
@@ -66,32 +64,6 @@ def bpb(model, windows, sparse: bool | None = None, score_from: int = 0) -> floa
 def _with_attention(model, sparse: bool):
     model.set_execution(sparse=sparse)
     return model
-
-
-@torch.no_grad()
-def speculative_numbers(model, prompts: list[torch.Tensor], new: int = 128) -> dict:
-    speculative_generate(model, prompts[0][:, :16], 8, 3)  # warm-up
-    t_plain = t_spec = 0.0
-    identical, lengths, tries, accepts = True, [], [0, 0, 0], [0, 0, 0]
-    for i, p in enumerate(prompts):
-        order = ("plain", "spec") if i % 2 == 0 else ("spec", "plain")
-        for kind in order:
-            t0 = time.perf_counter()
-            if kind == "plain":
-                plain = model.generate(p, new)
-                t_plain += time.perf_counter() - t0
-            else:
-                spec, stats = speculative_generate(model, p, new, 3)
-                t_spec += time.perf_counter() - t0
-        identical &= torch.equal(plain, spec)
-        lengths += stats.accept_lengths
-        tries = [a + b for a, b in zip(tries, stats.depth_tries)]
-        accepts = [a + b for a, b in zip(accepts, stats.depth_accepts)]
-    return {"accept_length": sum(lengths) / len(lengths), "acceptance_by_depth": [a / t if t else None
-                                                                                  for a, t in zip(accepts, tries)],
-            "speedup": t_plain / t_spec, "plain_tok_s": len(prompts) * new / t_plain,
-            "spec_tok_s": len(prompts) * new / t_spec, "identical": bool(identical), "prompts": len(prompts),
-            "new_tokens": new, "threads": torch.get_num_threads()}
 
 
 def measure(final_dir, dense_dir, quick: bool = False) -> dict:
