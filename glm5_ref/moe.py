@@ -265,30 +265,21 @@ class MoE(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)  # (E,)
             ys = moe_experts(xs.contiguous(), gate_up, down, offs, w.reshape(-1).contiguous())  # (S, d)
             return torch.zeros_like(h).index_add_(0, token_of_slot, ys)
-        if N * K < len(self.experts) and not torch.compiler.is_compiling():
-            # decode: fewer token-slots than experts, so most segments are empty; one call per non-empty segment
-            # on views of the packed weights (no copy), none for the empty ones
-            gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
-            pieces, start = [], 0
+        gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
+        few = N * K < len(self.experts) and not torch.compiler.is_compiling()  # decode: most segments empty
+        if not few and grouped_mm_supported(h.dtype, h.device, h.shape[1], I):
+            offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's segment
+            g, u = grouped_mm(xs, gate_up.transpose(1, 2), offs).chunk(2, dim=-1)  # (S, I) each
+            # down_proj is linear, so the gate weight can scale its (S, I) input instead of its (S, d) output
+            ys = grouped_mm((F.silu(g) * u * w).to(h.dtype), down.transpose(1, 2), offs)  # (S, d)
+        else:  # decode-sized, or no usable grouped GEMM (fp64, unaligned widths): one call per non-empty segment
+            pieces, start = [], 0  # on views of the packed weights: no copy, no call for an empty segment
             for e, n in enumerate(counts.tolist()):
                 if n:
                     g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)  # (n_e, I) each
                     pieces.append(F.linear((F.silu(g) * u * w[start:start + n]).to(h.dtype), down[e]))  # (n_e, d)
                 start += n
             ys = torch.cat(pieces)  # (S, d)
-        elif grouped_mm_supported(h.dtype, h.device, h.shape[1], I):
-            gate_up, down = self.packed_expert_weights()  # (E, 2I, d), (E, d, I)
-            offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's segment
-            g, u = grouped_mm(xs, gate_up.transpose(1, 2), offs).chunk(2, dim=-1)  # (S, I) each
-            # down_proj is linear, so the gate weight can scale its (S, I) input instead of its (S, d) output
-            ys = grouped_mm((F.silu(g) * u * w).to(h.dtype), down.transpose(1, 2), offs)  # (S, d)
-        else:  # no usable grouped GEMM (e.g. fp64, unaligned widths): the same segments, one call each
-            pieces, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    pieces.append(self.experts[e](xs[start:start + n]))  # (n_e, d)
-                start += n
-            ys = (torch.cat(pieces) * w).to(h.dtype)  # (S, d)
         return torch.zeros_like(h).index_add_(0, token_of_slot, ys)  # unpermute + combine: (N, d)
 
 
