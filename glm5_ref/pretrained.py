@@ -52,8 +52,7 @@ def read_metrics(name_or_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def verify(folder: str | os.PathLike, rebuild: str = "python -m glm5_ref recipe base && "
-                                                      "python -m glm5_ref recipe ship") -> dict:
+def verify(folder: str | os.PathLike, rebuild: str = REBUILD["classroom-base"]) -> dict:
     """Check that config.json, model.safetensors and metrics.json are there and the weights' sha256 is the
     recorded one; returns the metrics. ValueError (with how to rebuild) otherwise."""
     folder = Path(folder)
