@@ -11,7 +11,7 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # pytest workers: 2 on the 2-core CI machine
 JOBS ?= 2
 
-.PHONY: demo test test-fast test-random notebooks venv clean help browser
+.PHONY: demo test test-fast test-random notebooks lab venv clean help browser
 
 help:
 	@echo "make demo       the main job: python -m glm5_ref demo"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-fast  the tests without the notebooks"
 	@echo "make test-random  every test and notebook in a random order (pytest-random-order; the seed is printed)"
 	@echo "make notebooks  re-execute every notebook from notebooks/src and save its outputs"
+	@echo "make lab        open the notebooks in JupyterLab (this environment's python3 kernel; jupytext pairs sources)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,10 @@ test-fast: $(VENV)/.test browser
 
 notebooks: $(VENV)/.test
 	$(BIN)/python scripts/nb.py --all
+
+# JupyterLab from .venv: its python3 kernel is the one the notebooks name; LAB_ARGS e.g. --no-browser --port 8899
+lab: $(VENV)/.runtime
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,66 +1,53 @@
-"""Build notebooks from their sources and execute them, so the committed .ipynb carries fresh outputs.
+"""Build notebooks from their jupytext sources and execute them, so the committed .ipynb carries fresh outputs.
 
-Source: notebooks/src/NN_name.py in the "percent" format:
+Source: notebooks/src/NN_name.py in jupytext's "percent" format, paired with notebooks/NN_name.ipynb
+(notebooks/jupytext.toml says so, so JupyterLab with jupytext keeps the two in step when you edit either):
     # %% [markdown]
     # # A heading
-    # prose ...
     # %%
     code ...
-Each `# %%` line starts a code cell, `# %% [markdown]` a markdown cell whose lines lose their leading "# ".
+    # %% tags=["solution"] jupyter={"source_hidden": true}
+    # solution 1 (a code cell collapsed in JupyterLab)
 
 Usage:
     python scripts/nb.py notebooks/src/01_mla.py [more ...]   # build + execute -> notebooks/01_mla.ipynb
-    python scripts/nb.py --all                                  # every source
+    python scripts/nb.py --all                                  # every source (make notebooks)
     python scripts/nb.py --no-execute ...                       # build only
 
-The kernel is "python3" (what nbmake uses); execution runs with notebooks/ as the working directory.
+The kernel is "python3" (what nbmake uses); execution runs with notebooks/ as the working directory and with
+GLM5_FIGURES_DIR set to figures/, so the figures a notebook shows are written to the tracked figures/ folder
+(glm5_ref/apps/figures.py; anywhere else they go to runs/figures/).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
-def parse_percent(text: str) -> nbformat.NotebookNode:
-    cells: list[nbformat.NotebookNode] = []
-    kind, lines = None, []
-
-    def flush() -> None:
-        if kind is None:
-            return
-        body = "\n".join(lines).strip("\n")
-        if kind == "markdown":
-            body = "\n".join(l[2:] if l.startswith("# ") else l.lstrip("#") for l in body.split("\n"))
-            cells.append(nbformat.v4.new_markdown_cell(body))
-        elif body.strip():
-            cells.append(nbformat.v4.new_code_cell(body))
-
-    for line in text.split("\n"):
-        if line.startswith("# %%"):
-            flush()
-            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
-        else:
-            lines.append(line)
-    flush()
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
+def read_source(src: Path) -> nbformat.NotebookNode:
+    """The notebook a percent-format source describes (cells and their metadata; no outputs)."""
+    nb = jupytext.read(src, fmt="py:percent")
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
     return nb
 
 
 def build(src: Path, execute: bool = True, timeout: int = 600) -> Path:
-    nb = parse_percent(src.read_text())
+    nb = read_source(src)
     out = NOTEBOOKS / (src.stem + ".ipynb")
     if execute:
+        os.environ["GLM5_FIGURES_DIR"] = str(ROOT / "figures")
         t0 = time.time()
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()

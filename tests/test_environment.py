@@ -71,19 +71,6 @@ def test_notebook_committed_executed_in_order_without_errors(path):
     assert not errors, f"{path.name}: holds an error output: {errors[0].get('ename')}"
 
 
-def test_notebook_matches_its_source():
-    """A committed notebook is the execution of the committed source (no stale hand edits)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from nb import parse_percent
-
-    for path in NOTEBOOKS:
-        src = ROOT / "notebooks" / "src" / (path.stem + ".py")
-        built = [c["source"] for c in parse_percent(src.read_text())["cells"]]
-        committed = [c["source"] for c in json.loads(path.read_text())["cells"]]
-        committed = ["".join(s) if isinstance(s, list) else s for s in committed]
-        assert built == committed, f"{path.name} differs from {src.name}: run python scripts/nb.py {src}"
-
-
 def test_cli_params_runs():
     out = subprocess.run([sys.executable, "-m", "glm5_ref", "params", "--config", "glm5"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
