@@ -36,15 +36,15 @@ def _images(path):
                 yield out
 
 
-def test_notebook_matches_its_source():
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_matches_its_source(path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from nb import read_source
 
-    for path in NOTEBOOKS:
-        src = ROOT / "notebooks" / "src" / (path.stem + ".py")
-        built = [(c["cell_type"], c["source"], c.metadata.get("tags", [])) for c in read_source(src)["cells"]]
-        committed = [(c["cell_type"], _src(c), c.get("metadata", {}).get("tags", [])) for c in _cells(path)]
-        assert built == committed, f"{path.name} differs from {src.name}: run python scripts/nb.py {src}"
+    src = ROOT / "notebooks" / "src" / (path.stem + ".py")
+    built = [(c["cell_type"], c["source"], c.metadata.get("tags", [])) for c in read_source(src)["cells"]]
+    committed = [(c["cell_type"], _src(c), c.get("metadata", {}).get("tags", [])) for c in _cells(path)]
+    assert built == committed, f"{path.name} differs from {src.name}: run python scripts/nb.py {src}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
