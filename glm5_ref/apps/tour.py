@@ -67,14 +67,14 @@ def params_table(config: GLM5Config) -> str:
 
 
 def cache_table(config: GLM5Config, contexts: tuple[int, ...] = (4096, 32768, 131072, 202752)) -> str:
-    """Decode-cache bytes (bf16) per token and per sequence, for MLA+indexer and, for scale, plain MHA."""
+    """Decode-cache bytes (bf16) per token and per sequence (GB = 10^9 bytes), for MLA+indexer and plain MHA."""
     per_tok = config.kv_cache_bytes_per_token()
     per_tok_mla = config.kv_cache_bytes_per_token(include_indexer=False)
     mha = config.num_hidden_layers * 2 * config.num_attention_heads * config.qk_head_dim * 2  # K and V, bf16
     lines = [f"per token: MLA latent + rope key {per_tok_mla:,d} B, + indexer key {per_tok:,d} B; "
              f"MHA with the same heads would cache {mha:,d} B ({mha / per_tok:.0f}x more)"]
     for t in contexts:
-        lines.append(f"  {t:>7,d} tokens: {per_tok * t / 2**30:8.2f} GiB per sequence (MHA: {mha * t / 2**30:8.1f} GiB)")
+        lines.append(f"  {t:>7,d} tokens: {per_tok * t / 1e9:8.2f} GB per sequence (MHA: {mha * t / 1e9:8.1f} GB)")
     return "\n".join(lines)
 
 
@@ -119,7 +119,7 @@ def plot_param_breakdown(config: GLM5Config, path: str) -> str:
     return path
 
 
-def run_tour(figures_dir: str = "figures") -> None:
+def run_tour(figures_dir: str = os.path.join("runs", "figures")) -> None:
     """What `make demo` prints until the classroom model exists: GLM-5 from its config."""
     config = GLM5Config.glm5()
     print("GLM-5 (arXiv 2602.15763) from its config, as in the released config.json\n")
