@@ -9,6 +9,9 @@ Commands
                     torchrun --nproc_per_node W -m glm5_ref train ... [--expert-parallel] (gloo on CPU, NCCL on GPUs)
   generate          complete a prompt with a trained checkpoint: --ckpt DIR --prompt "def f(" [--max-new-tokens N
                     --temperature T --seed S]
+  --device          train, generate, recipe base and bench: auto|cpu|cuda|mps (auto: CUDA, then Apple's MPS, then
+                    the CPU; bf16 autocast on CUDA / MPS). Default cpu (fp32, the same numbers on every machine);
+                    under torchrun every rank uses its own device (glm5_ref/devices.py says what runs where)
   params [--config] parameter counts by component for a preset (glm5, classroom, tiny)
   bench NAME        run a benchmark (see `bench --list`); --json prints one JSON line last
   experiment NAME   run an experiment (see `experiment --list`); its full run writes figures/NAME.json and .png;
@@ -59,6 +62,15 @@ def _add_train_options(p: argparse.ArgumentParser, minutes_default: float | None
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+# glm5_ref.devices.DEVICES, spelled out: importing glm5_ref.devices here would load torch before OMP_WAIT_POLICY
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _add_device_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"where {what} runs: auto (CUDA, then MPS, then CPU), cpu (the default), cuda or mps")
+
+
 def _train_kwargs(args: argparse.Namespace) -> dict:
     keys = {"lr": "lr", "batch_size": "batch_size", "seq_len": "seq_len", "dsa_stage": "dsa_stage",
             "mtp_depths": "mtp_depths", "optimizer": "optimizer"}
@@ -89,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--expert-parallel", action="store_true",
                          help="under torchrun: shard the routed experts over the ranks (world size must divide them)")
     _add_train_options(p_train, minutes_default=None)
+    _add_device_option(p_train, "one process trains (under torchrun: each rank's own device)")
 
     p_gen = sub.add_parser("generate", help="complete a prompt with a trained checkpoint")
     p_gen.add_argument("--ckpt", required=True, help="a checkpoint folder, or a training run's --out folder")
@@ -97,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p_gen.add_argument("--top-p", type=float, default=0.95)
     p_gen.add_argument("--seed", type=int, default=0)
+    _add_device_option(p_gen, "the model generates")
 
     p_params = sub.add_parser("params", help="parameter counts by component")
     p_params.add_argument("--config", default="glm5", help="glm5, classroom or tiny (default: glm5)")
@@ -107,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="small sizes, for CI smoke tests")
     p_bench.add_argument("--list", action="store_true", help="list the benchmarks")
     p_bench.add_argument("--ckpt", default=None, help="spec-decode: a checkpoint instead of the shipped model")
+    _add_device_option(p_bench, "both sides of the benchmark run")
     p_rec = sub.add_parser("recipe", help="GLM-5's pre-training recipe at classroom scale, and shipping its model")
     p_rec.add_argument("what", choices=["base", "ship"], help="base: run the recipe; ship: export its final model")
     p_rec.add_argument("--quick", action="store_true", help="the tiny config, a few steps per stage (CI)")
     p_rec.add_argument("--out", default=None, help="the run folder (default runs/recipe-base[-quick])")
     p_rec.add_argument("--resume", action="store_true", help="continue an interrupted run at its stage")
     p_rec.add_argument("--dest", default=None, help="ship: where to write the checkpoint (default: the shipped one)")
+    _add_device_option(p_rec, "base: the stages train")
     p_post = sub.add_parser("post-train", help="GLM-5's post-training at classroom scale, and shipping the chat model")
     p_post.add_argument("--quick", action="store_true", help="the tiny config, a few steps per stage (CI)")
     p_post.add_argument("--from", dest="from_ckpt", default=None,
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if getattr(args, "device", None) is not None:  # an unavailable device: error naming --device, status 2
+            from glm5_ref.devices import resolve_device
+
+            resolve_device(args.device, argument="--device")
         if args.command == "demo":
             from glm5_ref.apps.demo import run_demo
 
@@ -156,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                 dp = DataParallel(expert_parallel=args.expert_parallel)
             elif args.expert_parallel:
                 raise ValueError("--expert-parallel: needs several processes; launch with torchrun --nproc_per_node N")
-            kwargs = TRAIN_DEFAULTS | _train_kwargs(args)
+            kwargs = TRAIN_DEFAULTS | _train_kwargs(args) | ({"device": args.device} if args.device else {})
+            if args.device and dp is None:
+                from glm5_ref.devices import describe, resolve_device
+
+                print(f"training on {describe(resolve_device(args.device))}")
             if args.seq_len is None:  # the demo's 256, or less for a preset with shorter positions (tiny: 255)
                 kwargs["seq_len"] = min(kwargs["seq_len"], resolve_config(args.config).max_position_embeddings - 1)
             result = train(args.config, args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
@@ -167,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"bits/byte; checkpoint: {result.checkpoint}")
         elif args.command == "generate":
             from glm5_ref.apps.demo import complete
+            from glm5_ref.devices import autocast, resolve_device
             from glm5_ref.training.run import load_model
 
-            model = load_model(args.ckpt)
-            text = complete(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+            device = resolve_device(args.device or "cpu", argument="--device")
+            model = load_model(args.ckpt).to(device)
+            with autocast(device):
+                text = complete(model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
             print(args.prompt + text)
         elif args.command == "params":
             from glm5_ref.config import GLM5Config
@@ -185,14 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                 for name, text in sorted(BENCHMARKS.items()):
                     print(f"{name:16s} {text}")
                 return 0
-            run_benchmark(args.name, as_json=args.json, quick=args.quick, ckpt=args.ckpt)
+            run_benchmark(args.name, as_json=args.json, quick=args.quick, ckpt=args.ckpt, device=args.device)
         elif args.command == "recipe":
             if args.what == "base":
                 from glm5_ref.apps.recipe import run_recipe
 
-                run_recipe(quick=args.quick, out_dir=args.out, resume=args.resume)
+                run_recipe(quick=args.quick, out_dir=args.out, resume=args.resume, device=args.device)
             else:
                 from glm5_ref.apps.model_card import ship
+
+                if args.device not in (None, "cpu"):
+                    raise ValueError("--device: recipe ship measures the model on the CPU (the model card's numbers "
+                                     "are fp32 CPU numbers); only recipe base trains on another device")
 
                 ship(run_dir=args.out, quick=args.quick, dest=args.dest)
         elif args.command == "post-train":

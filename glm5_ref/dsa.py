@@ -300,7 +300,10 @@ def fp8_simulate(x: torch.Tensor, block: int = 128, scale_format: str = "amax") 
     scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-12) / torch.finfo(torch.float8_e4m3fn).max
     if scale_format == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))  # 2^ceil(log2 s) >= s: no value leaves e4m3's range
-    return ((xb / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
+    y = xb / scale
+    if y.device.type == "mps":  # MPS has no float8 dtype: round on the CPU (exact, slower; fp8_indexer is opt-in)
+        return (y.cpu().to(torch.float8_e4m3fn).float().to(y.device) * scale).flatten(-2)
+    return (y.to(torch.float8_e4m3fn).float() * scale).flatten(-2)
 
 
 def fp8_topk_agreement(indexer: Indexer, x: torch.Tensor, c_q: torch.Tensor, topk: int,

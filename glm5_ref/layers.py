@@ -61,8 +61,10 @@ def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
     """cos and sin of m * theta_j for every position m and pair j, in fp32: shapes (*positions.shape, dim/2)."""
     if dim % 2:
         raise ValueError(f"rope dim: expected an even number, got {dim}")
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)  # (D/2,)
-    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, D/2), fp64 so long contexts stay exact
+    # fp64 so long contexts stay exact; MPS has no float64, fp32 there (angle error < 1e-3 rad at 4K positions)
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=wide, device=positions.device) / dim)  # (D/2,)
+    angles = positions.to(wide)[..., None] * inv_freq  # (..., T, D/2)
     return angles.cos().float(), angles.sin().float()
 
 

@@ -236,11 +236,14 @@ class GLM5ForCausalLM(nn.Module):
         """Greedy at temperature 0, else sampling (temperature, nucleus top_p) with a seeded generator
         (sampling.py). Returns ids (B, T + new); with return_logprobs also (B, new) log-probabilities of the
         emitted tokens under the distribution they were drawn from. A sequence that emitted a stop token repeats
-        it. Speculative decoding with the MTP layer: speculative.speculative_generate(model, ...)."""
+        it. The ids come back on the model's device, whatever device ``input_ids`` was on (under bf16 autocast,
+        devices.autocast, the caller's choice). Speculative decoding with the MTP layer:
+        speculative.speculative_generate(model, ...)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
         check_sampling(temperature, top_p)
         B, T = self._check_ids(input_ids, None)
+        input_ids = input_ids.to(self.lm_head.weight.device)  # the prompt, and all made from it, on the model's device
         gen = new_generator(seed, input_ids.device)
         stop = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=input_ids.device)
         cache = self.new_cache(B, T + max_new_tokens) if use_cache and max_new_tokens else None

@@ -279,7 +279,7 @@ class MoE(nn.Module):
                     g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)  # (n_e, I) each
                     pieces.append(F.linear((F.silu(g) * u * w[start:start + n]).to(h.dtype), down[e]))  # (n_e, d)
                 start += n
-            ys = torch.cat(pieces)  # (S, d)
+            ys = torch.cat(pieces).to(h.dtype)  # (S, d): bf16 under autocast, the residual stream's dtype
         return torch.zeros_like(h).index_add_(0, token_of_slot, ys)  # unpermute + combine: (N, d)
 
 

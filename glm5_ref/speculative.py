@@ -90,9 +90,10 @@ def speculative_generate(model: GLM5ForCausalLM, input_ids: torch.Tensor, max_ne
         raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_p)
     T0 = input_ids.shape[1]
+    p = model.lm_head.weight
+    input_ids = input_ids.to(p.device)  # the prompt, the generator and every block on the model's device
     gen = new_generator(seed, input_ids.device)
     stop = set(stop_tokens or [])
-    p = model.lm_head.weight
     max_len = T0 + max_new_tokens + draft_steps + 1
     if cache is None:
         cache = model.new_cache(1, max_len)

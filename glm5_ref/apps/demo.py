@@ -55,14 +55,16 @@ RULE = "=" * 100
 def complete(model, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 0.95,
              seed: int = 0) -> str:
     """The model's continuation of ``prompt`` (text only, without the prompt), stopping at end-of-text."""
+    from glm5_ref.devices import model_device
     from glm5_ref.tokenizer import EOT_ID, decode, encode
 
     ids = encode(prompt)
     if not ids:
         raise ValueError("prompt: expected a non-empty string")
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
-    out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_p=top_p,
-                         stop_tokens=[EOT_ID], seed=seed)[0, len(ids):].tolist()
+    prompt = torch.tensor([ids], device=model_device(model))  # (1, T) where the model is
+    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_tokens=[EOT_ID],
+                         seed=seed)[0, len(ids):].tolist()
     return decode(out[:out.index(EOT_ID)] if EOT_ID in out else out)
 
 

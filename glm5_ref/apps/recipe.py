@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from glm5_ref.config import GLM5Config
+from glm5_ref.devices import resolve_device
 from glm5_ref.training.checkpoint import find_checkpoint, read_trainer_state
 from glm5_ref.training.data import CorpusSplits, Split, build_splits
 from glm5_ref.training.options import resolve_config
@@ -123,8 +124,10 @@ def stage_dir(out: Path, i: int, stage: Stage) -> Path:
 
 
 def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, resume: bool = False,
-               progress: bool = True, config: GLM5Config | None = None) -> dict:
-    """Run (or resume) every stage; returns the summary written to OUT/recipe.json."""
+               progress: bool = True, config: GLM5Config | None = None, device: str | None = None) -> dict:
+    """Run (or resume) every stage; returns the summary written to OUT/recipe.json. ``device``: where every
+    stage trains (training.run's device option: None = the CPU, whose fp32 numbers the shipped model has;
+    "auto", "cuda", "mps": bf16 autocast there, different numbers)."""
     out = Path(out_dir) if out_dir is not None else (DEFAULT_OUT.with_name("recipe-base-quick") if quick else DEFAULT_OUT)
     stages = QUICK if quick else FULL
     cfg = config if config is not None else resolve_config("tiny" if quick else "classroom")
@@ -134,7 +137,8 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
     out.mkdir(parents=True, exist_ok=True)
     pre = build_splits(corpus="pretrain")
     data = {"short": pre, "long": CorpusSplits(long_stream(pre.train), pre.val, pre.test)}
-    summary = {"recipe": "base", "quick": quick, "config": cfg.name, "stages": [], "started": time.time()}
+    summary = {"recipe": "base", "quick": quick, "config": cfg.name, "stages": [], "started": time.time(),
+               "device": str(resolve_device(device or "cpu"))}
     previous = None
     for i, st in enumerate(stages):
         folder = stage_dir(out, i, st)
@@ -148,7 +152,8 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                   optimizer=st.optimizer, warmup=st.warmup, min_lr_ratio=st.min_lr_ratio, dsa_stage=st.dsa_stage,
                   num_evals=4, eval_windows_n=8 if quick else 48, eval_batch_size=8,
                   init_from=None if previous is None else os.fspath(previous), resume=bool(info),
-                  overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0)
+                  overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0,
+                  device=device)
             info = read_trainer_state(folder)
         summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
                                   "final_eval": info.get("last_eval", {}), "checkpoint": os.fspath(folder)})

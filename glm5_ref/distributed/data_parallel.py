@@ -68,6 +68,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from glm5_ref.devices import to_cpu
 from glm5_ref.training.data import bits_per_byte, evaluate
 from glm5_ref.distributed.expert_parallel import ExpertParallelMoE, check_expert_split
 from glm5_ref.distributed.muon import DistributedMuon
@@ -337,7 +338,7 @@ class DataParallel:
 
     def optimizer_states(self, optimizer) -> dict:
         """{"optimizer": [state_dict of rank 0, 1, ...], "world_size", "expert_parallel"} (rank 0; {} elsewhere)."""
-        states = self.gather_objects(_to_cpu(optimizer.state_dict()))  # CPU tensors: loadable anywhere
+        states = self.gather_objects(to_cpu(optimizer.state_dict()))  # CPU tensors: loadable anywhere
         if not self.is_main:
             return {}
         return {"optimizer": states, "world_size": self.world_size, "expert_parallel": self.expert_parallel}
@@ -345,17 +346,6 @@ class DataParallel:
     def __repr__(self) -> str:
         return (f"DataParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
                 f"expert_parallel={self.expert_parallel})")
-
-
-def _to_cpu(obj):
-    """A state_dict with every tensor moved to the CPU (nested dicts, lists, tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 __all__ = ["DataParallel", "init_from_env"]

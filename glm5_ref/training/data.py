@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from glm5_ref import tokenizer as tok
+from glm5_ref.devices import model_device
 
 CACHE_VERSION = 1  # bump when the cached format changes
 
@@ -242,17 +243,21 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 16, byte_lengths: t
     are scored (only those after the first ``score_from`` of them: how well the model uses context beyond
     ``score_from`` tokens). Returns {"loss": nats/token, "bpb": bits/byte, "tokens", "bytes", "nats"}.
 
-    ``model(ids)`` must return an object with ``.logits`` (B, T + 1, V) (GLM5ForCausalLM does)."""
+    ``model(ids)`` must return an object with ``.logits`` (B, T + 1, V) (GLM5ForCausalLM does); the windows
+    move to the device of the model's parameters a batch at a time (the numbers are summed on the host)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"evaluate windows: expected (W, T + 1) with T >= 1, got {tuple(windows.shape)}")
     if not 0 <= score_from < windows.shape[1] - 1:
         raise ValueError(f"evaluate score_from: expected 0 <= score_from < T = {windows.shape[1] - 1}, got {score_from}")
     byte_lengths = token_byte_lengths() if byte_lengths is None else byte_lengths
+    device = model_device(model)
+    byte_lengths = byte_lengths.to(device)
     was_training = model.training
     model.eval()
     nats, tokens, nbytes = 0.0, 0, 0
     try:
         for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
             logits = model(chunk).logits[:, score_from:-1].float()  # (B, T', V): position t predicts token t + 1
             targets = chunk[:, score_from + 1:]  # (B, T')
             nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -34,11 +34,13 @@ evaluation is data.evaluate, the classroom run with its budgets and stages is ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple
 
 import torch
 
+from glm5_ref.devices import autocast, model_device
 from glm5_ref.dsa import freeze_all_but_indexers
 from glm5_ref.training.optim import OPTIMIZERS, build_optimizer
 
@@ -76,17 +78,20 @@ def lm_loss(model, batch: torch.Tensor, stage: str = "dense", **forward_kwargs):
 
 def train_step(model, optimizer: torch.optim.Optimizer, batch, stage: str = "dense", grad_clip: float | None = 1.0,
                bias_update_speed: float | None = None, data_parallel=None, loss_fn: Callable | None = None,
-               **forward_kwargs):
+               *, mixed_precision: bool = False, **forward_kwargs):
     """One optimizer step (module docstring); returns (out, loss, grad norm). ``loss_fn(model, batch) ->
     (loss, out)`` replaces the default objective (out may be None: no router-bias update then). With
     ``data_parallel`` (a distributed.DataParallel that prepared ``model``) ``batch`` is the global batch: each
-    rank trains on its slice, losses and expert loads are the combined batch's."""
+    rank trains on its slice, losses and expert loads are the combined batch's; without it a tensor ``batch``
+    moves to the model's device. ``mixed_precision``: the forward
+    under devices.autocast of the model's device (bf16 on CUDA / MPS, a no-op on the CPU)."""
     if stage not in STAGES:
         raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
     dp = data_parallel
-    x = dp.shard(batch) if dp is not None else batch
+    x = dp.shard(batch) if dp is not None else batch.to(model_device(model)) if torch.is_tensor(batch) else batch
     net = dp.network(model) if dp is not None else model
-    loss, out = loss_fn(net, x) if loss_fn is not None else lm_loss(net, x, stage, **forward_kwargs)
+    with autocast(model_device(model)) if mixed_precision else contextlib.nullcontext():
+        loss, out = loss_fn(net, x) if loss_fn is not None else lm_loss(net, x, stage, **forward_kwargs)
     reported = dp.reduce_losses(out, loss, stage) if dp is not None else loss
     if not torch.isfinite(reported):
         raise FloatingPointError(f"loss is {reported.item()}: the run diverged; lower the learning rate")
@@ -127,12 +132,14 @@ class Trainer:
     grad_clip          global gradient-norm clip (None: no clipping, the norm is still reported)
     bias_update_speed  gamma of the router-bias update (None: config.bias_update_speed)
     data_parallel      a distributed.DataParallel (which prepares the model and builds its optimizer)
+    mixed_precision    every forward under bf16 autocast where the model's device has it (devices.autocast)
     """
 
     def __init__(self, model, optimizer="adamw", lr: float = 2e-3, *, weight_decay: float = 0.1,
                  total_steps: int | None = None, progress: Callable[[int], float] | None = None,
                  warmup: float = 0.05, min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0,
-                 bias_update_speed: float | None = None, data_parallel=None, **optimizer_kwargs):
+                 bias_update_speed: float | None = None, data_parallel=None, mixed_precision: bool = False,
+                 **optimizer_kwargs):
         if (total_steps is None) == (progress is None):
             raise ValueError("Trainer: give total_steps (a step count) or progress (a function of the step), not "
                              f"both or neither (got total_steps={total_steps!r}, progress={progress!r})")
@@ -143,7 +150,7 @@ class Trainer:
             raise ValueError(f"warmup, min_lr_ratio: expected 0 <= warmup < 1 and 0 <= min_lr_ratio <= 1, got "
                              f"{warmup!r}, {min_lr_ratio!r}")
         self.model, self.data_parallel = model, data_parallel
-        self.grad_clip, self.bias_update_speed = grad_clip, bias_update_speed
+        self.grad_clip, self.bias_update_speed, self.mixed_precision = grad_clip, bias_update_speed, mixed_precision
         self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
         self.progress = progress if progress is not None else (lambda step: (step + 1) / total_steps)
         if isinstance(optimizer, str):
@@ -165,7 +172,8 @@ class Trainer:
         """One step on ``batch`` (see train_step), then the schedule advances."""
         lr = self.lr
         out, loss, grad_norm = train_step(self.model, self.optimizer, batch, stage, self.grad_clip,
-                                          self.bias_update_speed, self.data_parallel, loss_fn, **forward_kwargs)
+                                          self.bias_update_speed, self.data_parallel, loss_fn,
+                                          mixed_precision=self.mixed_precision, **forward_kwargs)
         self.scheduler.step()
         self.step_count += 1
         return StepResult(out, loss, grad_norm, lr)

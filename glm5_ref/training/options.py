@@ -3,7 +3,7 @@
     resolve_config       a preset name or a GLM5Config, its vocabulary widened to the project tokenizer's
     parse_dsa_schedule   "dense:0.8,warmup:0.05,sparse:0.15" -> [(stage, cumulative end), ...]; stage_at reads it
     RunOptions           budgets (minutes / steps), optimizer and schedule, batch, DSA stages, evaluations,
-                         checkpoints, MTP, seed; ``validate`` raises ValueError naming the option
+                         checkpoints, MTP, seed, device; ``validate`` raises ValueError naming the option
     matched_dense_config the all-dense twin of a config with the same active parameters (compare_dense, bench)
 """
 
@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from glm5_ref.config import GLM5Config
+from glm5_ref.devices import resolve_device
 from glm5_ref.tokenizer import VOCAB_SIZE
 from glm5_ref.training.engine import STAGES
 from glm5_ref.training.optim import OPTIMIZERS
@@ -89,6 +90,10 @@ class RunOptions:
     bias_update_speed: float | None = None
     seed: int = 0
     init_from: str | None = None      # start from this checkpoint's weights (fresh optimizer, schedule, data order)
+    # where one process trains (devices.resolve_device: "auto", "cpu", "cuda", "mps"; bf16 autocast on GPUs).
+    # None = the CPU, or under data parallelism the rank's own device. Not "auto" by default: the CPU gives the
+    # same fp32 numbers on every machine (the tests, the recipe and the shipped model rely on it).
+    device: str | None = None
 
     def validate(self, config: GLM5Config) -> None:
         if self.minutes is None and self.steps is None:
@@ -115,6 +120,8 @@ class RunOptions:
         if not 0 <= self.mtp_start <= 1:
             raise ValueError(f"mtp_start: expected a fraction of the run in [0, 1], got {self.mtp_start!r}")
         parse_dsa_schedule(self.dsa_stage)
+        if self.device is not None:
+            resolve_device(self.device)  # ValueError naming device: an unknown name, or not on this machine
         if self.init_from is not None and not isinstance(self.init_from, (str, os.PathLike)):
             raise ValueError(f"init_from: expected a checkpoint path or None, got {type(self.init_from).__name__}")
 
@@ -124,6 +131,7 @@ class RunOptions:
         out["init_from"] = os.fspath(self.init_from) if self.init_from is not None else None
         out["dsa_stage"] = self.dsa_stage if isinstance(self.dsa_stage, str) else [list(p) for p in self.dsa_stage]
         out["eval_windows"] = out.pop("eval_windows_n")
+        out["device"] = str(self.device) if self.device is not None else None
         return out
 
 

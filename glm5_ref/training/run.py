@@ -16,6 +16,9 @@ Options (``RunOptions`` in options.py; every field is a keyword argument of ``tr
     mtp_start         train MTP only from this fraction of the run on (0: throughout, as GLM-5 does).
     num_evals         evaluations spread over the run, plus one at the start and one at the end, on
                       ``eval_windows_n`` fixed validation windows.
+    device            "cpu" (None, the default), "cuda", "mps" or "auto" (glm5_ref/devices.py): the model,
+                      every batch and evaluation window there, forwards under bf16 autocast on CUDA / MPS;
+                      checkpoints hold CPU tensors, so a run resumes on another device (not bit-identically).
 Resuming (``resume=True``) restores all of it; with ``steps`` it continues bit-identically to an uninterrupted
 run on CPU (tested). ``steps``/``minutes`` are the TOTAL of the run, not an addition. Ctrl-C is caught between
 steps and there only: the run writes a checkpoint of the last completed step, then lets the interrupt go on;
@@ -28,7 +31,8 @@ Choices where the paper is silent or does not apply at this scale
     * Windows cross document boundaries (EOT marks them); there is no attention mask between documents.
 Data parallelism (``data_parallel=DataParallel(...)``, which ``torchrun ... -m glm5_ref train`` sets up): every
 rank draws the same global batch and trains on its slice, rank 0 alone writes the log and the checkpoints, the
-clock is rank 0's (glm5_ref/distributed/data_parallel.py). Not handled: gradient accumulation, mixed precision.
+clock is rank 0's (glm5_ref/distributed/data_parallel.py). Not handled: gradient accumulation, fp16 (bf16
+autocast needs no loss scaling), bf16 weights or optimizer state.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 import torch
 
 from glm5_ref.config import GLM5Config
+from glm5_ref.devices import autocast, resolve_device, to_cpu
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.training.checkpoint import (CHECKPOINT, STATE_FILE, RunLog, find_checkpoint, read_log,
                                           read_trainer_state, save_checkpoint)
@@ -119,6 +124,18 @@ def train(config: GLM5Config | str, out_dir: str | os.PathLike, *, resume: bool 
     return run.run()
 
 
+def run_device(device: str | None, data_parallel) -> torch.device:
+    """Where the run trains: ``device`` (RunOptions.device; None = the CPU) in one process; under data
+    parallelism the rank's own device (DataParallel.device), which an explicit ``device`` must agree with."""
+    if data_parallel is None:
+        return resolve_device(device or "cpu")
+    mine = data_parallel.device
+    if device not in (None, "auto") and resolve_device(device).type != mine.type:
+        raise ValueError(f"device: data parallel trains every rank on its own device ({mine.type} here, from the "
+                         f"{data_parallel.backend} backend), got {device!r}; leave --device out under torchrun")
+    return mine
+
+
 class ClassroomRun:
     """One run of ``train``: set up (fresh or resumed), then ``run()`` the loop."""
 
@@ -133,6 +150,7 @@ class ClassroomRun:
                 expert_parallel=self.dp.expert_parallel, **dataclasses.asdict(opts)))
             self.dp.check_sizes(config, opts.batch_size, opts.eval_windows_n)
         self.main = self.dp is None or self.dp.is_main  # the process that writes files
+        self.device = run_device(opts.device, self.dp)
         has_ckpt = self._prepare_dir(resume, overwrite)
         splits = splits if splits is not None else build_splits()
         self.sampler = BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed)
@@ -146,7 +164,8 @@ class ClassroomRun:
         self.trainer = Trainer(self.model, opts.optimizer, opts.lr, weight_decay=opts.weight_decay,
                                progress=lambda step: self.progress_at(step + 1), warmup=opts.warmup,
                                min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip,
-                               bias_update_speed=opts.bias_update_speed, data_parallel=self.dp)
+                               bias_update_speed=opts.bias_update_speed, data_parallel=self.dp,
+                               mixed_precision=True)  # bf16 autocast on CUDA / MPS, nothing on the CPU
         self.log = RunLog(out_dir, enabled=self.main)
         self.moes = [layer.mlp for layer in self.model.model.layers if layer.is_moe]  # main layers, for load plots
         self.load_acc = torch.zeros(len(self.moes), config.n_routed_experts, dtype=torch.int64)  # since last eval
@@ -184,10 +203,13 @@ class ClassroomRun:
             model = GLM5ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         if self.dp is not None:
             self.dp.prepare(model)  # to the rank's device, experts sharded (expert parallel), DDP
+        else:
+            model.to(self.device)
         return model.train()
 
     def _restore(self) -> None:
-        saved = torch.load(find_checkpoint(self.out_dir) / STATE_FILE, weights_only=False)
+        # saved from CPU tensors (save): the optimizer moves its state onto the parameters' device when it loads
+        saved = torch.load(find_checkpoint(self.out_dir) / STATE_FILE, weights_only=False, map_location="cpu")
         if saved["args"]["optimizer"] != self.opts.optimizer:
             raise ValueError(f"resume: the checkpoint was trained with optimizer {saved['args']['optimizer']!r}, "
                              f"not {self.opts.optimizer!r}")
@@ -235,7 +257,8 @@ class ClassroomRun:
     # ---- evaluation and checkpoints --------------------------------------------------------------------------
     def evaluate(self) -> dict:
         fn = self.dp.evaluate if self.dp is not None else evaluate
-        result = fn(self.model, self.val, batch_size=self.opts.eval_batch_size, byte_lengths=self.byte_lengths)
+        with autocast(self.device):
+            result = fn(self.model, self.val, batch_size=self.opts.eval_batch_size, byte_lengths=self.byte_lengths)
         s = self.state
         record = {"kind": "eval", "step": s["step"], "tokens": s["tokens"], "elapsed_s": round(self.elapsed(), 3),
                   "val_loss": result["loss"], "val_bpb": result["bpb"], "stage": self.stage,
@@ -254,11 +277,12 @@ class ClassroomRun:
         if self.dp is not None:
             saved.update(self.dp.optimizer_states(self.trainer.optimizer))
             full = self.dp.full_model(self.model)
+        saved = to_cpu(saved)  # a checkpoint written on a GPU loads on any machine (the weights: save_pretrained)
         info = {"step": self.state["step"], "tokens": self.state["tokens"], "elapsed_s": self.state["elapsed_s"],
                 "finished": finished, "stage": self.stage,
                 "attention": "sparse" if self.state["indexer_trained"] else "dense",
                 "last_eval": {k: v for k, v in self.last_eval.items() if k != "expert_load"},
-                "num_params": self.num_params, "args": args}
+                "num_params": self.num_params, "args": args, "device": str(self.device)}
         if not self.main:
             return self.out_dir / CHECKPOINT
         return save_checkpoint(self.out_dir, full, saved, info)
@@ -279,7 +303,7 @@ class ClassroomRun:
             raise FloatingPointError(f"step {self.state['step'] + 1}: {e} (lr {self.trainer.lr:.3g}); the last "
                                      f"checkpoint is in {os.fspath(self.out_dir)}") from None
         for i, tpe in enumerate(out.tokens_per_expert[:len(self.moes)]):  # main layers' loads, for the plots
-            self.load_acc[i] += tpe.to(self.load_acc.dtype)
+            self.load_acc[i] += tpe.to("cpu", self.load_acc.dtype)
         s, tokens = self.state, self.opts.batch_size * self.opts.seq_len
         s["indexer_trained"] |= stage != "dense"
         s["step"], s["tokens"] = s["step"] + 1, s["tokens"] + tokens

@@ -7,6 +7,12 @@ A benchmark lives in glm5_ref/bench/<name with _>.py and defines
     def run(quick: bool = False) -> dict | list[dict]
 
 returning the rows to print. Register its name in BENCHMARKS below.
+
+Devices (``--device auto|cpu|cuda|mps``, default cpu): a benchmark whose ``run`` takes ``device`` (a torch.device)
+builds both sides there and every row gets a "device" key ("cpu", "cuda", "mps"; fp32 on
+every device, so both sides compute the same thing); ``timeit`` waits for the GPU before it reads the clock. The
+others run on the CPU only (rl-async: thread workers and a toy model; vs-transformers; kernels picks the
+GPU itself when there is one) and refuse another device with an error naming --device.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import inspect
 import json
 import time
 from typing import Callable
+
+from glm5_ref.devices import resolve_device, synchronize
 
 BENCHMARKS: dict[str, str] = {
     "mla-decode": "one MLA decode step at GLM-5 layer size: absorbed latent cache vs expanded K/V cache",
@@ -37,8 +45,10 @@ def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()  # GPU kernels run asynchronously: time what they do, not how fast they were queued
         t0 = time.perf_counter()
         fn()
+        synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
@@ -64,14 +74,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(name: str, as_json: bool = False, quick: bool = False, ckpt: str | None = None) -> dict | list[dict]:
+def run_benchmark(name: str, as_json: bool = False, quick: bool = False, ckpt: str | None = None,
+                  device: str | None = None) -> dict | list[dict]:
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark {name!r}: expected one of {sorted(BENCHMARKS)}")
+    dev = resolve_device(device or "cpu", argument="--device")
     module = importlib.import_module(f"glm5_ref.apps.bench.{name.replace('-', '_')}")
-    if ckpt is not None and "ckpt" not in inspect.signature(module.run).parameters:
+    takes = inspect.signature(module.run).parameters
+    if ckpt is not None and "ckpt" not in takes:
         raise ValueError(f"--ckpt: benchmark {name!r} does not take a checkpoint")
-    result = module.run(quick=quick, **({"ckpt": ckpt} if ckpt is not None else {}))
+    if dev.type != "cpu" and "device" not in takes:
+        raise ValueError(f"--device {dev.type}: benchmark {name!r} does not take a device (it runs on the CPU; "
+                         "kernels on the CUDA GPU when there is one); leave --device out")
+    kwargs = ({"ckpt": ckpt} if ckpt is not None else {}) | ({"device": dev} if "device" in takes else {})
+    result = module.run(quick=quick, **kwargs)
     rows = result if isinstance(result, list) else [result]
+    if "device" in takes:
+        for row in rows:
+            row["device"] = dev.type
     print(f"# bench {name}: {BENCHMARKS[name]}")
     print(format_table(rows))
     if as_json:

@@ -12,20 +12,24 @@ import time
 import torch
 
 from glm5_ref.config import GLM5Config
+from glm5_ref.devices import synchronize
 from glm5_ref.model import GLM5ForCausalLM
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict:
     config = GLM5Config.classroom()
     prompt_len, new = (64, 16) if quick else (512, 128)
     torch.manual_seed(0)
-    model = GLM5ForCausalLM(config).eval()
+    model = GLM5ForCausalLM(config).eval().to(device)  # the same weights on every device (made on the CPU)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
     model.generate(prompt[:, :8], 2)  # warm-up
     results = {}
     for use_cache in (True, False):
+        synchronize()
         t0 = time.perf_counter()
         ids = model.generate(prompt, new, use_cache=use_cache)
+        synchronize()
         results[use_cache] = (new / (time.perf_counter() - t0), ids)
     cached, uncached = results[True][0], results[False][0]
     return {"name": "decode", "config": "classroom", "prompt": prompt_len, "new_tokens": new,

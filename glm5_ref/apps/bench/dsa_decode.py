@@ -73,12 +73,12 @@ def projection_macs(config: GLM5Config, indexer: bool) -> int:
 
 def fill_cache(m: DSAAttention, cache: DSACache, length: int, chunk: int = 16384) -> None:
     """Write ``length`` random tokens straight into the cache (what a prefill would leave there)."""
-    c = m.config
+    c, dev = m.config, cache.latent.device
     for a in range(0, length, chunk):
         n = min(chunk, length - a)
-        cache.write_index_keys(m.indexer.k_norm(torch.randn(1, n, c.index_head_dim)), a)  # (1, n, I)
-        cache.append(m.kv_a_layernorm(torch.randn(1, n, c.kv_lora_rank)),  # (1, n, C): unit RMS
-                     torch.randn(1, n, c.qk_rope_head_dim) / 3 ** 0.5, a)  # (1, n, P): nn.Linear-init scale
+        cache.write_index_keys(m.indexer.k_norm(torch.randn(1, n, c.index_head_dim, device=dev)), a)  # (1, n, I)
+        cache.append(m.kv_a_layernorm(torch.randn(1, n, c.kv_lora_rank, device=dev)),  # (1, n, C): unit RMS
+                     torch.randn(1, n, c.qk_rope_head_dim, device=dev) / 3 ** 0.5, a)  # (1, n, P): Linear-init
 
 
 def shared_mla(m: DSAAttention) -> MLA:
@@ -101,7 +101,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> list[dict]:
     config = GLM5Config.glm5()
     contexts = (4096, 8192) if quick else (32768, 131072)
     repeats = 3 if quick else 7
@@ -109,12 +109,12 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     with torch.no_grad():
-        dsa = DSAAttention(config).eval()  # one layer at GLM-5 size, nn.Linear default init
+        dsa = DSAAttention(config).eval().to(device)  # one layer at GLM-5 size, nn.Linear default init
         mla = shared_mla(dsa)
-        x = torch.randn(1, 1, config.hidden_size)  # the new token's (normed) hidden state
+        x = torch.randn(1, 1, config.hidden_size, device=device)  # the new token's (normed) hidden state
 
         # the fixed cost: a step over a 1-token context (projections + folds, almost no attention)
-        empty = DSACache.for_config(config, 1, 1)
+        empty = DSACache.for_config(config, 1, 1, device=device)
 
         def fixed_step() -> torch.Tensor:
             out = mla(x, cache=empty, absorbed=True)
@@ -124,9 +124,9 @@ def run(quick: bool = False) -> list[dict]:
         fixed_ms = timeit(fixed_step, repeats=repeats)
 
         for L in tqdm(contexts, desc="dsa-decode", leave=False):
-            cache = DSACache.for_config(config, 1, L + 1)
+            cache = DSACache.for_config(config, 1, L + 1, device=device)
             fill_cache(dsa, cache, L)
-            S, pos = L + 1, torch.tensor([L])  # keys seen by the new token; its position
+            S, pos = L + 1, torch.tensor([L], device=device)  # keys seen by the new token; its position
 
             def step(module: torch.nn.Module, sparse: bool = True, impl: str = "gathered") -> torch.Tensor:
                 options = dict(sparse=sparse, sparse_impl=impl) if module is dsa else {}

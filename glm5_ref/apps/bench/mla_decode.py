@@ -37,8 +37,9 @@ class ExpandedKVCache:
     def __init__(self, mla: MLA, cache: MLACache, max_len: int, chunk: int = 1024):
         B, L = cache.batch_size, cache.length
         H, N, P, V = mla.num_heads, mla.nope_dim, mla.rope_dim, mla.v_dim
-        self.k = torch.empty(B, H, max_len, N + P)  # (B, H, L, E)
-        self.v = torch.empty(B, H, max_len, V)  # (B, H, L, V)
+        self.device = cache.latent.device
+        self.k = torch.empty(B, H, max_len, N + P, device=self.device)  # (B, H, L, E)
+        self.v = torch.empty(B, H, max_len, V, device=self.device)  # (B, H, L, V)
         for a in range(0, L, chunk):  # expand the cached latents a chunk at a time (bounded memory)
             b = min(L, a + chunk)
             kv = rearrange(mla.kv_b_proj(cache.latent[:, a:b]), "b s (h f) -> b h s f", h=H)  # (B, H, s, N + V)
@@ -50,7 +51,7 @@ class ExpandedKVCache:
     def step(self, mla: MLA, x: torch.Tensor) -> torch.Tensor:
         """Project the new token (B, 1, D), write its K/V at slot L, attend over slots 0..L; -> (B, 1, D)."""
         L, H, N = self.length, mla.num_heads, mla.nope_dim
-        pos = torch.tensor([L])  # (T=1,)
+        pos = torch.tensor([L], device=self.device)  # (T=1,)
         q_nope, q_rope = mla.project_q(mla.q_latent(x), pos)  # (B, 1, H, N), (B, 1, H, P)
         latent, k_rope = mla.project_kv_latent(x, pos)  # (B, 1, C), (B, 1, P)
         kv = rearrange(mla.kv_b_proj(latent), "b t (h f) -> b h t f", h=H)  # (B, H, 1, N + V)
@@ -65,7 +66,8 @@ class ExpandedKVCache:
         L = self.length
         k, v = self.k[:, :, :L + 1], self.v[:, :, :L + 1]  # (B, H, S, E), (B, H, S, V): contiguous per head
         scores = torch.einsum("bthe,bhse->bhts", q, k) * mla.scale  # (B, H, 1, S)
-        return attention_core(scores, v.transpose(1, 2), torch.tensor([L]))[0]  # values viewed as (B, S, H, V)
+        pos = torch.tensor([L], device=self.device)
+        return attention_core(scores, v.transpose(1, 2), pos)[0]  # values viewed as (B, S, H, V)
 
 
 def interleaved_medians(fns: list, repeats: int) -> list[float]:
@@ -80,23 +82,23 @@ def interleaved_medians(fns: list, repeats: int) -> list[float]:
     return [sorted(t)[len(t) // 2] for t in times]
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> list[dict]:
     config = GLM5Config.glm5()
     contexts = (512, 1024) if quick else (4096, 16384)
     repeats = 3 if quick else 9
     torch.manual_seed(0)
     rows = []
     with torch.no_grad():
-        mla = MLA(config).eval()  # one layer at GLM-5 size: ~165M fp32 values (~660 MB)
+        mla = MLA(config).eval().to(device)  # one layer at GLM-5 size: ~165M fp32 values (~660 MB)
         weight_bytes = sum(p.numel() * p.element_size() for p in mla.parameters())
         H, E, V = mla.num_heads, mla.nope_dim + mla.rope_dim, mla.v_dim
         for L in tqdm(contexts, desc="mla-decode", leave=False):
-            cache = MLACache.for_config(config, batch_size=1, max_len=L + 1)
+            cache = MLACache.for_config(config, batch_size=1, max_len=L + 1, device=device)
             # a context of L tokens: random normed latents and roped keys stand in for a real prefix
-            cache.append(mla.kv_a_layernorm(torch.randn(1, L, config.kv_lora_rank)),
-                         torch.randn(1, L, config.qk_rope_head_dim), start_pos=0)
+            cache.append(mla.kv_a_layernorm(torch.randn(1, L, config.kv_lora_rank, device=device)),
+                         torch.randn(1, L, config.qk_rope_head_dim, device=device), start_pos=0)
             expanded = ExpandedKVCache(mla, cache, max_len=L + 1)
-            x = torch.randn(1, 1, config.hidden_size)
+            x = torch.randn(1, 1, config.hidden_size, device=device)
 
             def absorbed_step() -> torch.Tensor:
                 out = mla(x, cache=cache, absorbed=True)  # appends at slot L ...
@@ -105,7 +107,7 @@ def run(quick: bool = False) -> list[dict]:
 
             rel_diff = float((absorbed_step() - expanded.step(mla, x)).norm() / expanded.step(mla, x).norm())
             # the cache-reading part alone (no projections): what the cache layout changes
-            pos = torch.tensor([L])
+            pos = torch.tensor([L], device=device)
             q_nope, q_rope = mla.project_q(mla.q_latent(x), pos)  # (1, 1, H, N), (1, 1, H, P)
             prefix = (cache.latent[:, :L + 1], cache.k_rope[:, :L + 1])  # slot L holds a stale token: same cost
             expanded_ms, absorbed_ms, attn_expanded_ms, attn_absorbed_ms = interleaved_medians([

@@ -43,10 +43,10 @@ def paired(fn_a, fn_b, rounds: int) -> tuple[float, float]:
     return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> list[dict]:
     torch.manual_seed(0)
     config = layer_config()
-    moe = MoE(config)
+    moe = MoE(config).to(device)  # made on the CPU: the same weights on every device
     with torch.no_grad():  # a trained router spreads tokens; a fresh one too (random rows), plus a small bias
         moe.gate.e_score_correction_bias.normal_(0.0, 0.01)
     token_counts = (16, 128) if quick else (16, 256, 2048)
@@ -54,14 +54,14 @@ def run(quick: bool = False) -> list[dict]:
     rounds = 3 if quick else 7
     rows = []
     for n in token_counts:
-        x = torch.randn(1, n, config.hidden_size)
+        x = torch.randn(1, n, config.hidden_size, device=device)
         with torch.no_grad():
             loop_ms, grouped_ms = paired(lambda: moe(x, impl="loop"), lambda: moe(x, impl="grouped"), rounds)
             h = x.reshape(n, -1)  # (N, d)
             idx, w, _ = moe.gate(h)
             S = n * config.num_experts_per_tok
-            act = torch.randn(S, config.moe_intermediate_size)  # (S, I) stand-in SwiGLU activations
-            ys = torch.randn(S, config.hidden_size)  # (S, d) stand-in expert outputs
+            act = torch.randn(S, config.moe_intermediate_size, device=device)  # (S, I) stand-in SwiGLU activations
+            ys = torch.randn(S, config.hidden_size, device=device)  # (S, d) stand-in expert outputs
 
             def permute_unpermute():  # the grouped path minus its two grouped GEMMs and the SwiGLU
                 order, token_of_slot, counts = sort_by_expert(idx, config.n_routed_experts)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5_ref.config import GLM5Config
+from glm5_ref.devices import synchronize
 from glm5_ref.muon import head_blocks, kv_head_blocks, newton_schulz
 from glm5_ref.training.optim import build_optimizer
 
@@ -120,8 +121,10 @@ def paired_ms(fns: list[Callable[[], object]], repeats: int) -> list[list[float]
     times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats + 1):
         for fn, ts in zip(fns, times):
+            synchronize()
             t0 = time.perf_counter()
             fn()
+            synchronize()  # a GPU runs the kernels asynchronously
             if r:
                 ts.append((time.perf_counter() - t0) * 1e3)
     return times
@@ -131,17 +134,17 @@ def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> dict:
     torch.manual_seed(0)
     c = GLM5Config.classroom()
     repeats = 3 if quick else 7
     tokens = 256 if quick else 1024
     shapes = [s for _, s, _ in hidden_matrices(c, tokens)]
     counts = by_shape(shapes)
-    batches = [torch.randn(n, *s) for s, n in counts.items()]  # (N, rows, cols)
+    batches = [torch.randn(n, *s).to(device) for s, n in counts.items()]  # (N, rows, cols), made on the CPU
     # (N, small, large), contiguous, with orthonormal rows: X X^T = I keeps every product O(1) through the 5
     # iterations (random inputs would overflow to inf/NaN or underflow to slow denormals)
-    raw = [torch.linalg.qr(torch.randn(n, max(s), min(s)))[0].mT.contiguous() for s, n in counts.items()]
+    raw = [torch.linalg.qr(torch.randn(n, max(s), min(s)))[0].mT.contiguous().to(device) for s, n in counts.items()]
 
     def ns():
         for G in batches:
@@ -160,8 +163,9 @@ def run(quick: bool = False) -> dict:
     train_flop = sum(6 * t * m * n for _, (m, n), t in hidden_matrices(c, tokens))
     train_flop += 6 * tokens * c.vocab_size * c.hidden_size  # LM head
 
-    model = StandIn(c, tokens)
-    ids = torch.randint(0, c.vocab_size, (tokens,))
+    model = StandIn(c, tokens).to(device)
+    model.inputs = [x.to(device) for x in model.inputs]  # a plain list: .to() leaves it where it was
+    ids = torch.randint(0, c.vocab_size, (tokens,)).to(device)
     opt = build_optimizer(model, "muon_split", lr=1e-4)
 
     def train():

@@ -34,6 +34,7 @@ import torch
 
 from glm5_ref.apps.bench import timeit
 from glm5_ref.apps.model_card import held_out_prompts
+from glm5_ref.devices import synchronize
 from glm5_ref.pretrained import load_pretrained, read_metrics
 from glm5_ref.training.checkpoint import read_trainer_state
 from glm5_ref.training.run import load_model
@@ -58,7 +59,7 @@ def step_costs(model, prompt: torch.Tensor, context: int, verify_tokens=(DRAFT_S
             cache.truncate(context)
         return fn
 
-    mtp_cache = DSACache.for_config(model.config, 1, context + 1, dtype=out.logits.dtype)
+    mtp_cache = DSACache.for_config(model.config, 1, context + 1, dtype=out.logits.dtype, device=ids.device)
     hidden = model.model.norm(out.hidden_states)  # (1, context, D)
     emb = model.model.embed_tokens(ids)
     decode = model.execution.replace(absorbed=True)
@@ -74,7 +75,7 @@ def step_costs(model, prompt: torch.Tensor, context: int, verify_tokens=(DRAFT_S
             "mtp_step_ms": timeit(mtp_step, repeats)}
 
 
-def run(quick: bool = False, ckpt: str | None = None) -> dict:
+def run(quick: bool = False, ckpt: str | None = None, device: torch.device = torch.device("cpu")) -> dict:
     """The shipped classroom-base model (``ckpt``: another checkpoint folder or training run instead), prompts from
     the pretraining corpus's held-out test documents."""
     torch.manual_seed(0)
@@ -85,8 +86,9 @@ def run(quick: bool = False, ckpt: str | None = None) -> dict:
                 "tokens": read_metrics("classroom-base")["recipe"]["tokens"]}
     else:
         model, info = load_model(ckpt), {"source": "--ckpt", "path": ckpt, **read_trainer_state(ckpt)}
+    model = model.to(device)
     n_prompts, prompt_len, new, repeats = (2, 96, 64, 1) if quick else (4, 96, 256, 2)
-    prompts = held_out_prompts(n_prompts, prompt_len)
+    prompts = [p.to(device) for p in held_out_prompts(n_prompts, prompt_len)]
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
         model.generate(prompts[0][:, :16], 4)
         speculative_generate(model, prompts[0][:, :16], 8, DRAFT_STEPS)
@@ -102,6 +104,7 @@ def run(quick: bool = False, ckpt: str | None = None) -> dict:
                     results[kind] = model.generate(prompt, new)
                 else:
                     results[kind] = speculative_generate(model, prompt, new, DRAFT_STEPS)
+                synchronize()  # a GPU may still be running the last step
                 times[kind] = time.perf_counter() - t0
                 cpu[kind] += time.process_time() - c0
             t_plain, t_spec = t_plain + times["plain"], t_spec + times["spec"]

@@ -29,7 +29,7 @@ from glm5_ref.training.options import matched_dense_config, resolve_config
 
 def _stepper(config, batch, mtp_depths, compiled: bool = False):
     torch.manual_seed(0)
-    model = GLM5ForCausalLM(config)
+    model = GLM5ForCausalLM(config).to(batch.device)  # the same weights on every device (made on the CPU)
     set_dsa_stage(model, "dense")
     opt = build_optimizer(model, "adamw", 1e-3)
     kwargs = {} if mtp_depths is None else {"mtp_depths": mtp_depths}
@@ -37,7 +37,7 @@ def _stepper(config, batch, mtp_depths, compiled: bool = False):
     return lambda: train_step(net, opt, batch, "dense", 1.0, **kwargs)
 
 
-def run(quick: bool = False, compile_too: bool | None = None) -> list[dict]:
+def run(quick: bool = False, compile_too: bool | None = None, device: torch.device = torch.device("cpu")) -> list[dict]:
     """``compile_too`` (default: not in quick mode): also time the step with the model under torch.compile
     (inductor, fullgraph), side by side with eager; compile_s is its first call, compilation included."""
     compile_too = not quick if compile_too is None else compile_too
@@ -45,7 +45,7 @@ def run(quick: bool = False, compile_too: bool | None = None) -> list[dict]:
     dense = matched_dense_config(config)
     B, T = (2, 64) if quick else (8, 256)  # the demo's batch
     rounds = 2 if quick else 5
-    batch = torch.randint(0, config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for label, depths in (("trunk (no MTP)", 0), (f"with MTP x{config.num_mtp_depths}", None)):
         glm5, twin = _stepper(config, batch, depths), _stepper(dense, batch, depths)
