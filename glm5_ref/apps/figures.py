@@ -48,8 +48,9 @@ def _embed(data: bytes, name: str):
     display(Image(data=data, format="png", metadata={"filename": name}))
 
 
-def show_figure(fig, name: str, dpi: int = 110) -> Path:
-    """Render `fig` once, write it to figures_dir()/name and embed exactly those bytes; closes the figure."""
+def show_figure(fig, name: str, dpi: int = 110) -> None:
+    """Render `fig` once, write it to figures_dir()/name and embed exactly those bytes; closes the figure.
+    Returns nothing, so that a cell ending in it prints no path."""
     import matplotlib.pyplot as plt
 
     if not name.endswith(".png") or "/" in name:
@@ -59,13 +60,11 @@ def show_figure(fig, name: str, dpi: int = 110) -> Path:
     path = figures_dir() / name
     _write(path, data)
     _embed(data, name)
-    return path
 
 
-def show_saved(name: str) -> Path:
+def show_saved(name: str) -> None:
     """Embed figures/<name>, a figure that an experiment script wrote (and committed), byte for byte."""
     path = TRACKED / name
     if not path.is_file():
         raise FileNotFoundError(f"name: figures/{name} does not exist (run the experiment that writes it)")
     _embed(path.read_bytes(), name)
-    return path

@@ -1,6 +1,9 @@
 # %% [markdown]
 # # 01 · Multi-head Latent Attention (MLA-256)
 #
+# **Prerequisites:** notebook 00 (GLM-5's configuration and its cache bytes per token), 00a (RMSNorm and RoPE).
+# **Reading time:** about 30 minutes (it runs in about 25 s).
+#
 # Notebook 00 ended with a number: while it generates, GLM-5 keeps **576 values per token per layer** for
 # attention, where plain multi-head attention with the same heads would keep 32,768. This notebook derives
 # how, starting from ordinary attention:
@@ -14,7 +17,7 @@
 # 7. what the cache costs at 200K tokens.
 #
 # Cells that start with `# derivation` use only `torch` and `einops`; every other cell imports from
-# `glm5_ref`. The last cell asserts that the derivation and the package agree.
+# `glm5_ref`. The `# check` cell before the exercises asserts that the derivation and the package agree.
 
 # %%
 import matplotlib
@@ -23,8 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from einops import rearrange
-from IPython.display import Image, display
-
+from glm5_ref.apps.figures import show_figure
 from glm5_ref.config import GLM5Config
 
 torch.manual_seed(0)
@@ -47,7 +49,8 @@ def rel(a, b):
 # When a model generates, token $t$ needs the keys and values of every earlier token. Recomputing them
 # each step would cost a full forward over the prefix, so they are **cached**: $2He$ values per token per
 # layer. Grouped-query attention shares each key/value head among $H/G$ query heads, which divides the
-# cache by $H/G$ (GLM-4.5 used $G = 8$). Both fit in a few lines (RoPE is left out here; section 4 adds it).
+# cache by $H/G$ (GLM-4.5 used $G = 8$ KV heads of width 128, the "GQA-8" baseline that GLM-5's paper compares
+# MLA against in section 2.1). Both fit in a few lines (RoPE is left out here; section 4 adds it).
 
 # %%
 # derivation: multi-head and grouped-query attention with a KV cache
@@ -227,8 +230,20 @@ assert rel(ours, apply_rope(probe, pos, 10_000.0, interleaved=True)) < 1e-6
 # | $[k^C_i; v_i] = W^{UKV} c^{KV}$, per head $d_n$ then $d_v$ | `kv_b_proj` | $H \times (192 + 256)$ |
 # | $u = W^O [o_1; \dots; o_H]$ | `o_proj` | 6144 |
 #
-# RoPE rotates $q^R$ and $k^R$ only, and the softmax scale is $1/\sqrt{d_n + d_r} = 1/16$. Below, both
-# paths written from the weights, at the classroom size (4 heads, $r_{kv} = 64$, $d_n = 32$, $d_r = 16$).
+# RoPE rotates $q^R$ and $k^R$ only, and the softmax scale is $1/\sqrt{d_n + d_r} = 1/16$. (The widths are those
+# of the released configuration, which the paper's Table 10 lists.) The diagram draws the same steps, with
+# the widths read from `GLM5Config.glm5()`: the query path on top, the kv latent $c^{KV}$ in the middle, the
+# shared rotary key $k^R$ at the bottom; the two purple tensors are all that a decode step keeps.
+
+# %%
+from glm5_ref.apps.diagrams import mla as mla_diagrams  # the module: its names would clash with the derivation's
+
+glm5 = GLM5Config.glm5()
+show_figure(mla_diagrams.mla_dataflow(glm5), "01_mla_dataflow.png");
+
+# %% [markdown]
+# Below, both paths written from the weights, at the classroom size (4 heads, $r_{kv} = 64$, $d_n = 32$,
+# $d_r = 16$).
 
 # %%
 # derivation: GLM-5's MLA from a dict of checkpoint tensors, for one sequence x (T, d)
@@ -270,6 +285,14 @@ def mla_absorbed(x, W, cfg):
     o = torch.einsum("htr,hvr->htv", o_lat, W_uv)  # (H, T, d_v)
     return rearrange(o, "h t v -> t (h v)") @ W["o_proj.weight"].T
 
+
+# %% [markdown]
+# The absorbed path is the one a decode step runs. Drawn with GLM-5's widths, it never builds a per-head key or
+# value for a cached token: the per-head matrices act once per new token, on the query before the logits and
+# on the averaged latent after them.
+
+# %%
+show_figure(mla_diagrams.mla_absorbed(glm5), "01_mla_absorbed.png");
 
 # %% [markdown]
 # Now the package. `MLA` holds the same seven tensors under the same names, so its `state_dict()` is
@@ -319,11 +342,21 @@ print("cache length", cache.length, "| latent", tuple(cache.latent.shape), "| k_
       "| values per token:", cache.latent.shape[-1] + cache.k_rope.shape[-1])
 
 # %% [markdown]
-# At GLM-5 size the difference is large: one decode step over a 16K-token context reads 37.7 MB of fp32
-# latents on the absorbed path, against 2.1 GB of per-head keys and values for an implementation that
-# caches them expanded. `python -m glm5_ref bench mla-decode` times both on your machine. On a CPU, the
-# layer's weights (about 165M values, read by both paths) take a fixed share of every step, so the
-# whole-step speed-up is smaller than the speed-up of the attention part.
+# At GLM-5 size the difference is large. The next cell counts what one decode step over a 16K-token context
+# reads in fp32 (MB: $10^6$ bytes, GB: $10^9$ bytes): the cached latents on the absorbed path, against the
+# per-head keys and values an implementation that caches them expanded would read.
+# `python -m glm5_ref bench mla-decode` times both on your machine. The layer's weights, read by both paths,
+# take a fixed share of every step, so the whole-step speed-up is smaller than the speed-up of the attention
+# part.
+
+# %%
+L16, fp32 = 16_384, 4
+latent_bytes = L16 * (glm5.kv_lora_rank + glm5.qk_rope_head_dim) * fp32
+expanded_bytes = L16 * glm5.num_attention_heads * (glm5.qk_head_dim + glm5.v_head_dim) * fp32
+layer_weights = glm5.param_breakdown()["attention"] // glm5.num_hidden_layers
+print(f"one decode step over {L16:,} cached tokens, fp32: absorbed reads {latent_bytes / 1e6:.1f} MB of latents, "
+      f"expanded {expanded_bytes / 1e9:.2f} GB of keys and values ({expanded_bytes / latent_bytes:.0f}x)")
+print(f"the attention weights of one layer: {layer_weights / 1e6:.0f}M values, read by both paths")
 #
 # ## 6. MLA-256: fewer, wider heads
 #
@@ -335,7 +368,8 @@ print("cache length", cache.length, "| latent", tuple(cache.latent.shape), "| k_
 # $H (d_{qk} + d_v)$: heads times width.
 #
 # GLM-5 therefore widens the heads from 192 to 256 ($d_n$ 128 $\to$ 192) and cuts their number by a
-# third (96 $\to$ 64): training cost roughly unchanged, decode cost per cached token down by a third. The
+# third (96 $\to$ 64): training cost roughly unchanged, decode cost per cached token down by a third
+# (paper section 2.1, "Multi-latent Attention", where this variant is called MLA-256). The
 # table computes both from the shapes, for two possible 96-head baselines (value width 192 like the
 # queries, or DeepSeek-V3's 128).
 
@@ -350,7 +384,6 @@ def attention_costs(H, d_n, d_r, d_v, d=6144, r_q=2048, r_kv=512):
     }
 
 
-glm5 = GLM5Config.glm5()
 variants = {
     "MLA-192, 96 heads, d_v 192": attention_costs(96, 128, 64, 192),
     "MLA-192, 96 heads, d_v 128": attention_costs(96, 128, 64, 128),
@@ -376,61 +409,88 @@ for v in list(variants.values())[:2]:
     assert abs(new["params"] / v["params"] - 1) < 0.17  # and about the same parameters
 
 # %% [markdown]
-# The paper's claim checks out on the arithmetic: per cached token, decode work falls to exactly 2/3,
-# while training cost and parameters stay within about 10-15% of either 96-head baseline. The folds
-# stay at 25-32M FLOPs per step whichever variant is used; they are paid once per generated token, not
-# once per cached token, and beyond a few hundred cached tokens the cached tokens dominate.
+# The paper's claim ("This keeps the training computation and the number of parameters constant while
+# decreasing the decoding computation", section 2.1) checks out on the arithmetic: per cached token, decode
+# work falls to exactly 2/3, while training cost and parameters stay within the ratios printed above (at most
+# 12% and 17% away, as the cell asserts) of either 96-head baseline. The folds (last column) are paid once per
+# generated token, not once per cached token, so beyond a few hundred cached tokens the cached tokens dominate.
 #
 # ## 7. The cache at 200K tokens
 #
-# Per token and layer in bf16: MHA with GLM-5's heads keeps $2 \times 64 \times 256 \times 2$ = 65,536 bytes;
-# GQA with 8 KV heads of the same width 8,192; MLA $576 \times 2$ = 1,152. Over 78 layers and a 200K
-# context:
+# Per token and layer in bf16 (2 bytes per value), three ways to cache attention at GLM-5's own head widths
+# (keys $d_n + d_r = 256$ wide, values 256): MHA keeps a key and a value for each of the 64 heads; GQA with 8 KV
+# heads keeps 8 keys and 8 values; MLA keeps $c^{KV}$ and $k^R$, $512 + 64 = 576$ values. The cell prints the
+# values and bytes per token, and the cache of one sequence over 78 layers at the full context of 202,752
+# tokens, in GB ($10^9$ bytes; KB below means $10^3$ bytes).
+#
+# The paper's own GQA-8 baseline (section 2.1: "GQA with 8 query groups (denoted as GQA-8, 2048-dimension
+# KV-cache)") is GLM-4.5's attention, whose heads are 128 wide: $8 \times (128 + 128) = 2048$ values per token
+# and layer. That is a different model's head width; at GLM-5's widths the same 8 KV heads keep twice as much.
+# The cell prints both, each labelled.
 
 # %%
-layers, bf16 = glm5.num_hidden_layers, 2
-per_token_layer = {
-    "MHA (64 KV heads)": 2 * 64 * 256 * bf16,
-    "GQA-8 (8 KV heads)": 2 * 8 * 256 * bf16,
-    "MLA (512 + 64)": (glm5.kv_lora_rank + glm5.qk_rope_head_dim) * bf16,
+layers, bf16, full_context = glm5.num_hidden_layers, 2, glm5.max_position_embeddings
+k_width, v_width = glm5.qk_head_dim, glm5.v_head_dim  # 256, 256
+values_per_token_layer = {
+    "MHA (64 KV heads, K 256 + V 256)": glm5.num_attention_heads * (k_width + v_width),
+    "GQA-8 (8 KV heads, K 256 + V 256)": 8 * (k_width + v_width),
+    "MLA (c_KV 512 + k_R 64)": glm5.kv_lora_rank + glm5.qk_rope_head_dim,
 }
-assert per_token_layer["MLA (512 + 64)"] * layers == glm5.kv_cache_bytes_per_token(include_indexer=False)
-contexts = torch.linspace(1024, glm5.max_position_embeddings, 200)
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+paper_gqa8 = 8 * (128 + 128)  # GLM-4.5's 128-wide heads: the paper's "2048-dimension KV-cache"
+mla_values = values_per_token_layer["MLA (c_KV 512 + k_R 64)"]
+assert mla_values * bf16 * layers == glm5.kv_cache_bytes_per_token(include_indexer=False)
+gb = {name: v * bf16 * layers * full_context / 1e9 for name, v in values_per_token_layer.items()}
+print(f"{'':36s} {'values/token/layer':>18s} {'bytes/token/layer':>17s} {'KB/token (78 layers)':>21s} "
+      f"{'GB at ' + format(full_context, ','):>16s}")
+for name, v in values_per_token_layer.items():
+    print(f"{name:36s} {v:18,d} {v * bf16:17,d} {v * bf16 * layers / 1e3:21,.1f} {gb[name]:16,.1f}")
+print(f"{'GQA-8 with 128-wide heads (paper)':36s} {paper_gqa8:18,d} {paper_gqa8 * bf16:17,d} "
+      f"{paper_gqa8 * bf16 * layers / 1e3:21,.1f} {paper_gqa8 * bf16 * layers * full_context / 1e9:16,.1f}")
+ratio_gqa8 = values_per_token_layer["GQA-8 (8 KV heads, K 256 + V 256)"] / mla_values
+print(f"GQA-8 at GLM-5's widths keeps {ratio_gqa8:.1f}x MLA's cache; the paper's 128-wide GQA-8 "
+      f"{paper_gqa8 / mla_values:.1f}x")
+indexer_gb = glm5.index_head_dim * bf16 * layers * full_context / 1e9
+print(f"the DSA indexer keys of notebook 02 ({glm5.index_head_dim} values per token and layer) add {indexer_gb:.1f} GB")
+h200 = 141e9  # bytes of HBM on one H200
+mha_bytes_per_token = values_per_token_layer["MHA (64 KV heads, K 256 + V 256)"] * bf16 * layers
+print(f"MHA's cache alone outgrows one H200 (141 GB) at {h200 / mha_bytes_per_token:,.0f} tokens")
+assert values_per_token_layer["MHA (64 KV heads, K 256 + V 256)"] == 32_768 and mla_values == 576
+assert round(indexer_gb, 1) == 4.0
+assert round(ratio_gqa8, 1) == 7.1 and round(paper_gqa8 / mla_values, 1) == 3.6
+assert round(gb["GQA-8 (8 KV heads, K 256 + V 256)"], 1) == 129.6 and round(gb["MLA (c_KV 512 + k_R 64)"], 1) == 18.2
+
+# %%
+contexts = torch.linspace(1024, full_context, 200)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
 colors = ["tab:red", "tab:orange", "tab:blue"]
-names = list(per_token_layer)
-ax1.bar(names, [b * layers / 1024 for b in per_token_layer.values()], color=colors)
+names = list(values_per_token_layer)
+kb = [v * bf16 * layers / 1e3 for v in values_per_token_layer.values()]
+ax1.bar([n.replace(" (", "\n(") for n in names], kb, color=colors)
 ax1.set_yscale("log")
-ax1.set_ylabel("KiB per token (78 layers, bf16)")
-ax1.set_title("cache per token")
-for i, b in enumerate(per_token_layer.values()):
-    ax1.text(i, b * layers / 1024, f"{b * layers / 1024:,.0f} KiB", ha="center", va="bottom", fontsize=9)
-for (name, b), color in zip(per_token_layer.items(), colors):
-    ax2.plot(contexts / 1000, b * layers * contexts / 1e9, label=name, color=color)
-ax2.axhline(141, color="gray", ls="--", lw=1)
-ax2.text(100, 165, "memory of one H200 (141 GB)", color="gray", fontsize=8)
+ax1.set_ylim(50, 20_000)
+ax1.set_ylabel("KB per token (78 layers, bf16)")
+ax1.set_title("cache per token, GLM-5 head widths")
+for i, b in enumerate(kb):
+    ax1.text(i, b, f"{b:,.0f} KB", ha="center", va="bottom", fontsize=9)
+ax1.tick_params(axis="x", labelsize=8)
+for (name, v), color in zip(values_per_token_layer.items(), colors):
+    ax2.plot(contexts / 1000, v * bf16 * layers * contexts / 1e9, label=name, color=color)
+ax2.axhline(h200 / 1e9, color="gray", ls="--", lw=1)
+ax2.text(95, 165, "memory of one H200 (141 GB)", color="gray", fontsize=8)
 ax2.set_yscale("log")
 ax2.set_ylim(0.05, 3000)
 ax2.set_xlabel("context length (thousand tokens)")
-ax2.set_ylabel("cache per sequence (GB)")
+ax2.set_ylabel("cache per sequence (GB = 1e9 bytes)")
 ax2.set_title("cache per sequence, GLM-5 dimensions")
-ax2.legend(fontsize=8)
+ax2.legend(fontsize=8, loc="lower right")
 fig.tight_layout()
-fig.savefig("../figures/01_kv_cache.png", dpi=110)
-plt.close(fig)
-display(Image("../figures/01_kv_cache.png"))
-full_context = glm5.max_position_embeddings
-for name, b in per_token_layer.items():
-    print(f"{name:20s} {b * layers / 1024:8,.1f} KiB/token   {b * layers * full_context / 1e9:8,.1f} GB at "
-          f"{full_context:,} tokens")
-gb = {name: b * layers * full_context / 1e9 for name, b in per_token_layer.items()}
-assert round(gb["MLA (512 + 64)"]) == 18 and round(gb["GQA-8 (8 KV heads)"]) == 130 and gb["MHA (64 KV heads)"] > 1000
-assert round(glm5.index_head_dim * bf16 * layers * full_context / 1e9) == 4  # the DSA indexer keys
+show_figure(fig, "01_kv_cache.png");
 
 # %% [markdown]
-# A full 202,752-token context needs about 18 GB of MLA cache per sequence (plus 4 GB for the DSA indexer
-# keys of notebook 02), against 130 GB for GQA-8 and over a terabyte for MHA with the same heads, whose
-# cache would outgrow a whole H200 before 30K tokens.
+# A full 202,752-token context needs 18.2 GB of MLA cache per sequence (plus 4.0 GB for the DSA indexer
+# keys of notebook 02), against 129.6 GB for GQA-8 at the same head widths, 7.1 times as much, and over a
+# terabyte for MHA, whose cache outgrows a whole H200 at the context printed above. Even the paper's
+# narrower GQA-8 (128-wide heads) keeps 3.6 times MLA's cache.
 #
 # ## Summary
 #
@@ -444,6 +504,59 @@ assert round(glm5.index_head_dim * bf16 * layers * full_context / 1e9) == 4  # t
 # The last check: the derivation and `glm5_ref.mla` agree, on both paths and through the cache.
 
 # %%
+# check: the derivation equals glm5_ref.mla (expanded, absorbed, and decoding through the cache)
 for name, err in checks.items():
     assert err < 1e-5, (name, err)
 print("derivation == glm5_ref.mla:", {k: f"{v:.1e}" for k, v in checks.items()})
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Halve the latent: predict GLM-5's MLA cache (without the indexer keys), in GB, for one 202,752-token
+#    sequence in bf16 if `kv_lora_rank` were 256 instead of 512, then check with
+#    `GLM5Config.kv_cache_bytes_per_token`.
+# 2. The paper's GQA-8 has 8 KV heads of width 128. Predict how many values per token the `gqa` function of
+#    section 1 caches with 8 KV heads of width 128, and the ratio to MLA's 576; then build that cache and count.
+# 3. Absorption changes the order of the products, not the logits. Predict the softmax scale the absorbed path
+#    must use for the classroom config (the keys it dots with are $r_{kv} + d_r = 80$ wide), then check that
+#    `MLA(config)` with `absorbed=True` matches the expanded path, and that the derivation with the scale
+#    $1/\sqrt{80}$ does not.
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 1
+import dataclasses
+
+prediction = (256 + glm5.qk_rope_head_dim) * 2 * glm5.num_hidden_layers * glm5.max_position_embeddings / 1e9
+half = dataclasses.replace(glm5, kv_lora_rank=256)
+measured = half.kv_cache_bytes_per_token(include_indexer=False) * glm5.max_position_embeddings / 1e9
+print(f"kv_lora_rank 256: predicted {prediction:.1f} GB, package {measured:.1f} GB "
+      f"(was {gb['MLA (c_KV 512 + k_R 64)']:.1f})")
+assert abs(prediction - measured) < 1e-9
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 2
+e128, T_ex = 128, 5
+x_ex = torch.randn(T_ex, 256)
+Wq_ex, Wk_ex, Wv_ex = torch.randn(64 * e128, 256), torch.randn(8 * e128, 256), torch.randn(8 * e128, 256)
+Wo_ex = torch.randn(256, 64 * e128)
+_, cache_ex = gqa(x_ex, Wq_ex, Wk_ex, Wv_ex, Wo_ex, n_heads=64, n_kv_heads=8)
+per_token = (cache_ex["k"].numel() + cache_ex["v"].numel()) // T_ex
+print(f"GQA-8 with 128-wide heads caches {per_token} values per token and layer, {per_token / 576:.2f}x MLA's 576")
+assert per_token == 2048 and round(per_token / 576, 1) == 3.6
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 3: the scale stays 1/sqrt(d_n + d_r) = 1/sqrt(48), the width of the per-head keys it replaces
+print("scale the package uses:", mla.scale, "= 1/sqrt(d_n + d_r) =", (cfg["d_n"] + cfg["d_r"]) ** -0.5)
+assert abs(mla.scale - (cfg["d_n"] + cfg["d_r"]) ** -0.5) < 1e-12
+with torch.no_grad():
+    assert rel(mla(x, absorbed=True)[0], mla(x)[0]) < 1e-5
+q_c, q_r, c_kv, k_r = mla_inputs(x[0], W, cfg)
+W_ukv = W["kv_b_proj.weight"].view(cfg["heads"], cfg["d_n"] + cfg["d_v"], cfg["r_kv"])
+q_hat = torch.einsum("htn,hnr->htr", q_c, W_ukv[:, :cfg["d_n"]])
+keys = torch.cat([c_kv, k_r], dim=-1).expand(cfg["heads"], -1, -1)
+o_wrong = causal_attention(torch.cat([q_hat, q_r], dim=-1), keys, c_kv.expand(cfg["heads"], -1, -1),
+                           (cfg["r_kv"] + cfg["d_r"]) ** -0.5)
+o_heads = torch.einsum("htr,hvr->htv", o_wrong, W_ukv[:, cfg["d_n"]:])  # (H, T, d_v)
+out_wrong = rearrange(o_heads, "h t v -> t (h v)") @ W["o_proj.weight"].T
+print(f"absorbed with 1/sqrt(80): relative error {rel(out_wrong, derived_expanded):.2f}")
+assert rel(out_wrong, derived_expanded) > 1e-3

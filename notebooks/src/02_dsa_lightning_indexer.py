@@ -1,12 +1,16 @@
 # %% [markdown]
 # # 02 · DeepSeek Sparse Attention: the lightning indexer and top-k attention
 #
+# **Prerequisites:** notebook 00a (RoPE, RMSNorm), 01 (MLA: the q latent $c^Q$, the latent cache
+# $c^{KV}$ + $k^R$, the absorbed decode path). **Reading time:** about 35 minutes (it runs in about 60 s).
+#
 # Notebook 01 ended with the decode cost of absorbed MLA: per generated token, every head does
 # $576 + 512$ multiply-adds **per cached token**. With 64 heads that is 69,632 multiply-adds per cached token
 # and layer, so the cost grows linearly with the context: about 14 billion per layer per token at 200K.
-# GLM-5 keeps MLA but lets each query attend to only $k = 2048$ of its past keys. A cheap **lightning
+# GLM-5 keeps MLA but lets each query attend to only $k = 2048$ of its past keys (the "$k = 2048$ used by the
+# indexer", paper section 3.2, "DSA RL insights"). A cheap **lightning
 # indexer** scores every past key, the top $k$ are kept, and MLA runs over those alone (DeepSeek Sparse
-# Attention, DSA, from DeepSeek-V3.2). This notebook:
+# Attention, DSA, from DeepSeek-V3.2; GLM-5 adopts it in paper section 2.1.1). This notebook:
 #
 # 1. derives the indexer's score from its formula and checks it against `glm5_ref.dsa`;
 # 2. derives top-k selection and sparse attention, and shows that DSA *is* dense MLA while the context
@@ -18,7 +22,9 @@
 # 5. counts what DSA saves per generated token at GLM-5 size, and times a decode step on this machine.
 #
 # As in notebook 01, cells that start with `# derivation` use only `torch`; every other cell imports from
-# `glm5_ref`, and the last cell asserts that the derivation and the package agree.
+# `glm5_ref`, and the `# check` cell before the exercises asserts that the derivation and the package agree.
+# The diagram is the whole pipeline for one query token, with GLM-5's widths (the classroom model's $k$ is
+# 128; the derivations below use $k = 16$ so that a 48-token sequence is already "long").
 
 # %%
 import dataclasses
@@ -30,8 +36,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from IPython.display import Image, display
-
+from glm5_ref.apps.diagrams.dsa import dsa_pipeline
+from glm5_ref.apps.figures import show_figure
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import (DSAAttention, attention_target, fp8_simulate, fp8_topk_agreement, freeze_all_but_indexers,
                           hadamard_matrix, hadamard_rotate, select_topk)
@@ -46,7 +52,8 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-checks = {}  # derivation vs package, asserted in the last cell
+checks = {}  # derivation vs package, asserted in the `# check` cell
+show_figure(dsa_pipeline(GLM5Config.glm5(), GLM5Config.classroom()), "02_dsa_pipeline.png");
 
 # %% [markdown]
 # ## 1. The lightning indexer
@@ -59,7 +66,8 @@ checks = {}  # derivation vs package, asserted in the last cell
 #
 # $$I_{t,s} = \sum_{j=1}^{H_I} w_{t,j}\; \mathrm{ReLU}\!\Big(\frac{q^I_{t,j} \cdot k^I_s}{\sqrt{d_I}}\Big).$$
 #
-# GLM-5 uses $H_I = 32$ indexer heads of width $d_I = 128$. Three things make it cheap:
+# GLM-5 uses $H_I = 32$ indexer heads of width $d_I = 128$ (the released configuration; DeepSeek-V3.2 uses 64
+# heads). Three things make it cheap:
 #
 # - **one key per token**, shared by all indexer heads (like multi-query attention), so the cache grows by
 #   only 128 values per token;
@@ -145,7 +153,7 @@ print(f"scores that are exactly 0 (every head's ReLU is off): {float((package_sc
 #
 # One selection serves **all** 64 heads of the query: in the absorbed form every head attends over the same
 # latents anyway (notebook 01), so gathering $k$ latents once per query is enough. Exact ties are common
-# (about 6% of the scores above are exactly 0), and `glm5_ref` breaks them toward the **most recent** key,
+# (the fraction of exactly-zero scores is printed above), and `glm5_ref` breaks them toward the **most recent** key,
 # so the selection depends on the scores alone, and decoding token by token with a cache selects what a
 # full forward selects.
 
@@ -292,10 +300,11 @@ print(f"FP8 e4m3 round trip of the indexer queries: relative error {q_err:.1%}")
 print(f"top-{k_top} keys of 4 x 128 queries that the FP8 indexer still selects: {agreement:.1%}")
 
 # %% [markdown]
-# About 98% of the selected keys survive FP8, at half the bytes of bf16 and twice the tensor-core rate; the
-# keys that swap sit at the boundary of the top-k, where scores are nearly equal. (GLM-5 found a different
+# Nearly all the selected keys survive FP8 (the fraction is printed above), at half the bytes of bf16 and
+# twice the tensor-core rate; the keys that swap sit at the boundary of the top-k, where scores are nearly
+# equal. (GLM-5 found a different
 # source of disagreement harmful: a *non-deterministic* top-k kernel collapsed RL training, so it uses a
-# deterministic `torch.topk`, as `glm5_ref` does.)
+# deterministic `torch.topk`, as `glm5_ref` does; paper section 3.2, "DSA RL insights".)
 #
 # ## 4. Training the indexer: the dense warm-up
 #
@@ -307,11 +316,12 @@ print(f"top-{k_top} keys of 4 x 128 queries that the FP8 indexer still selects: 
 #
 # $$\mathcal L^I = \frac{1}{T} \sum_t \mathrm{KL}\big(p_{t,:} \,\big\|\, \mathrm{softmax}_{s \le t}(I_{t,:})\big).$$
 #
-# (GLM-5 ran 1000 such steps on 14 sequences of 202,752 tokens; stage 2 then switches top-k on and trains
-# everything, the indexer still on its KL only.) Here: one `DSAAttention` layer at the classroom size, on
-# sequences of $T = 96$ tokens drawn from a vocabulary of 24 random embeddings, so that the same tokens recur
-# and the attention has a pattern to learn. A freshly initialised MLA attends almost uniformly (its logits
-# have a standard deviation of about 0.3), so we multiply $W^{UQ}$ by 16 to sharpen it the way training would.
+# (GLM-5 ran 1000 such steps on 14 sequences of 202,752 tokens each, paper section 2.1.1; stage 2 then
+# switches top-k on and trains everything, the indexer still on its KL only.) Here: one `DSAAttention` layer
+# at the classroom size, on sequences of $T = 96$ tokens drawn from a vocabulary of 24 random embeddings, so
+# that the same tokens recur and the attention has a pattern to learn. A freshly initialised MLA attends
+# almost uniformly (its random logits are small), so we multiply $W^{UQ}$ by 16 to sharpen it the way
+# training would.
 
 # %%
 torch.manual_seed(0)
@@ -380,10 +390,9 @@ heat(axes[0], before["p"][0], "main attention (summed over heads)")
 heat(axes[1], before["q"][0], f"indexer before warm-up\n(its top-{k_top} holds {before['mass']:.0%} of the mass)")
 heat(axes[2], after["q"][0], f"indexer after {len(losses)} warm-up steps\n(its top-{k_top} holds {after['mass']:.0%})")
 axes[0].set_ylabel("query t")
+fig.suptitle("where the main attention goes, and where the indexer looks (one sequence)", fontsize=11, y=1.03)
 fig.tight_layout()
-fig.savefig("../figures/02_attention_vs_indexer.png", dpi=100, bbox_inches="tight")
-plt.close(fig)
-display(Image("../figures/02_attention_vs_indexer.png"))
+show_figure(fig, "02_attention_vs_indexer.png", dpi=100)
 
 with torch.no_grad():
     p = before["p"]
@@ -400,10 +409,11 @@ assert after["mass"] > before["mass"] + 0.2 and after["sparse_vs_dense"] < befor
 assert losses[-1] < 0.5 * losses[0]
 
 # %% [markdown]
-# A few seconds of warm-up take the indexer from a random choice to one that holds most of the attention
-# mass, close to the best any 16 keys could hold; the sparse layer's output moves toward the dense one
-# accordingly. This is the paper's finding in miniature: the warm-up alone recovers most of the quality
-# (its Table 6), and sparse training then closes most of the remaining gap.
+# A few hundred warm-up steps (their time is printed above) take the indexer from a random choice to one that
+# holds most of the attention mass, close to the best any 16 keys could hold; the sparse layer's output moves
+# toward the dense one accordingly. This is the paper's finding in miniature: the warm-up alone recovers most
+# of the quality (section 2.1.2, Table 6: RULER of GLM-4.7-Flash with DSA), and sparse training then closes
+# most of the remaining gap.
 #
 # ## 5. What DSA saves per generated token
 #
@@ -437,6 +447,8 @@ crossover = H * (2 * r_kv + d_r) * k_glm / (H * (2 * r_kv + d_r) - H_I * d_I)
 fixed_macs = (glm5.hidden_size * glm5.q_lora_rank + glm5.q_lora_rank * H * glm5.qk_head_dim
               + glm5.hidden_size * (r_kv + d_r) + H * (glm5.qk_nope_head_dim + glm5.v_head_dim) * r_kv
               + H * glm5.v_head_dim * glm5.hidden_size)  # projections and folds: the same at every L
+print(f"multiply-adds per cached token: dense absorbed MLA {H * (2 * r_kv + d_r):,}, indexer {H_I * d_I:,} "
+      f"(ratio {H * (2 * r_kv + d_r) / (H_I * d_I):.0f})")
 print(f"crossover at L* = {crossover:.0f} cached tokens")
 for L in (4096, 32768, 131072, glm5.max_position_embeddings):
     print(f"L = {L:7,d}: dense {dense_macs(L) / 1e9:6.2f} G, DSA {dsa_macs(L) / 1e9:5.2f} G "
@@ -444,12 +456,12 @@ for L in (4096, 32768, 131072, glm5.max_position_embeddings):
 print(f"projections and folds, at any L: {fixed_macs / 1e6:.0f} M")
 
 # %% [markdown]
-# Now the measurement: one GLM-5-size layer (about 175M fp32 weights, random), a cache filled with $L$ random
-# tokens, and one new token, dense (`MLA`, absorbed) against DSA (`DSAAttention`, absorbed, gathered), at
-# small contexts so that this notebook stays fast. The times are measured on the machine that ran this
-# notebook, when it ran, on one thread; `python -m glm5_ref bench dsa-decode`
-# does the same at 32K and 128K. The dashed line is a step over a 1-token context: reading the layer's
-# weights, which every step pays.
+# Now the measurement: one GLM-5-size layer (random fp32 weights; the cell prints how many), a cache filled
+# with $L$ random tokens, and one new token, dense (`MLA`, absorbed) against DSA (`DSAAttention`, absorbed,
+# gathered), at small contexts so that this notebook stays fast. **Timings are machine-dependent:** they are
+# measured on whatever machine runs the notebook, at that moment, on one thread, so the printed table (not
+# this text) is the result; `python -m glm5_ref bench dsa-decode` does the same at 32K and 128K. The dashed
+# line is a step over a 1-token context: reading the layer's weights, which every step pays.
 
 # %%
 from glm5_ref.apps.bench import timeit
@@ -461,6 +473,9 @@ with torch.no_grad():
     torch.manual_seed(0)
     big = DSAAttention(glm5).eval()
     big_mla = shared_mla(big)  # the same tensors, no indexer
+    n_layer = sum(p.numel() for p in big.parameters())
+    n_indexer = sum(p.numel() for n, p in big.named_parameters() if n.startswith("indexer."))
+    print(f"one GLM-5-size layer: {n_layer / 1e6:.0f}M weights, of which the indexer {n_indexer / 1e6:.1f}M")
     token = torch.randn(1, 1, glm5.hidden_size)
     empty = DSACache.for_config(glm5, 1, 1)
 
@@ -475,7 +490,8 @@ with torch.no_grad():
         fill_cache(big, cache, L)  # random normed latents, rope keys and indexer keys
         measured[L] = interleaved({"dense": lambda: one_token(big_mla, cache, L),
                                    "dsa": lambda: one_token(big, cache, L)}, repeats=5)
-        print(f"L = {L:6,d}: dense {measured[L]['dense']:6.1f} ms, DSA {measured[L]['dsa']:6.1f} ms")
+        print(f"L = {L:6,d}: dense {measured[L]['dense']:6.1f} ms, DSA {measured[L]['dsa']:6.1f} ms, "
+              f"DSA / dense {measured[L]['dsa'] / measured[L]['dense']:.2f}")
     print(f"step over a 1-token context: {fixed_ms:.1f} ms")
     del big, big_mla, cache
 
@@ -513,23 +529,22 @@ ax2.set_title("measured: one GLM-5-size layer, fp32, 1 CPU thread\n(on the machi
               fontsize=10)
 ax2.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig("../figures/02_dsa_cost.png", dpi=100, bbox_inches="tight")
-plt.close(fig)
-display(Image("../figures/02_dsa_cost.png"))
+show_figure(fig, "02_dsa_cost.png", dpi=100)
 assert all(attention_core_macs(glm5, L, sparse=False) == dense_macs(L) for L in (100, 4096, 131072))
 assert all(attention_core_macs(glm5, L, sparse=True) == dsa_macs(L) for L in (100, 4096, 131072))
 assert 2150 < crossover < 2200 and 13 < dense_macs(131072) / dsa_macs(131072) < 14
 
 # %% [markdown]
-# The measured steps follow the arithmetic, with two offsets. Near $L = k$ DSA is *slower*: it attends over
-# (almost) every key like dense MLA does, and pays on top for the indexer (its projections alone read 9.4M
-# weights) and for gathering the selected latents. From a few thousand tokens on, the dense step grows with
-# $L$ while the DSA step hardly moves. And neither step starts from zero: at batch size 1 a decode step
-# first reads the layer's 175M weights (the dashed line; matrix-vector products, bound by memory bandwidth),
-# which takes longer than the attention itself until the context reaches tens of thousands of tokens. So a
-# whole step speeds up far less than the attention core's 13.4x at 128K suggests
-# (`python -m glm5_ref bench dsa-decode` measures it), and the paper itself reports more modest gains for
-# the whole system: 1.5-2x less attention compute on long sequences, 128K contexts at half the GPU cost.
+# What to look for in the printed table (the exact times vary from machine to machine and run to run). Near
+# $L = k$ DSA gains nothing: it attends over (almost) every key like dense MLA does, and pays on top for the
+# indexer (whose weights the cell counted) and for gathering the selected latents, so there it is about as
+# fast as dense or slower. As $L$ grows past $k$, the dense step grows with $L$ while the DSA step grows much
+# more slowly. And neither step starts from zero: at batch size 1 a decode step first reads all the layer's
+# weights (the dashed line; matrix-vector products, bound by memory bandwidth), which takes longer than the
+# attention itself until the context reaches tens of thousands of tokens. So a whole step speeds up far less
+# than the attention core's ratio at 128K in the arithmetic table suggests (`python -m glm5_ref bench
+# dsa-decode` measures it), and the paper itself reports more modest gains for the whole system: "roughly
+# 1.5-2x" less attention computation on long sequences and 128K contexts "at half the GPU cost" (section 2.1.1).
 #
 # ## Summary
 #
@@ -543,11 +558,50 @@ assert 2150 < crossover < 2200 and 13 < dense_macs(131072) / dsa_macs(131072) < 
 # - A dense warm-up on a KL to the main attention teaches the indexer where attention goes: here its top-16
 #   went from a random fraction of the attention mass to most of it.
 # - At GLM-5 size, from $L^* = 2176$ tokens on, DSA needs fewer attention multiply-adds per generated token,
-#   13x fewer at 128K.
+#   13.4 times fewer at 128K (131,072 tokens), and the ratio tends to 17 at long contexts.
 #
 # The last check: the derivation and `glm5_ref.dsa` agree.
 
 # %%
+# check: the derivations (indexer score, top-k, sparse attention, the scale and rotation identities) equal glm5_ref.dsa
 for name, err in checks.items():
     assert err < 1e-5, (name, err)
 print("derivation == glm5_ref.dsa:", {k: f"{v:.1e}" for k, v in checks.items()})
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Halve GLM-5's $k$ to 1024. Predict the crossover context $L^*$ from which DSA needs fewer attention-core
+#    multiply-adds than dense MLA, then check with `glm5_ref.apps.bench.dsa_decode.attention_core_macs`.
+# 2. Multiply every indexer head weight $w_{t,j}$ by 3, then by $-1$. Predict, for each, whether the top-$k$
+#    selection of section 2 changes; then check with `ix.scores` and `select_topk`.
+# 3. Raise the layer's $k$ from 16 to $T = 48$. Predict how the `DSAAttention` output over the 48 tokens then
+#    compares with plain `MLA` with the same weights, and check.
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 1: L* = k * 69,632 / (69,632 - 4096) = 17k/16
+k_half = 1024
+prediction = k_half * 17 / 16
+half_k = dataclasses.replace(glm5, index_topk=k_half)
+first_cheaper = next(L for L in range(k_half, 4 * k_half)
+                     if attention_core_macs(half_k, L, sparse=True) < attention_core_macs(half_k, L, sparse=False))
+print(f"k = {k_half}: predicted L* = {prediction:.0f}; the first L with fewer DSA multiply-adds: {first_cheaper}")
+assert first_cheaper == int(prediction) + 1  # at L* itself the two are equal
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 2: a positive factor on every head weight scales every score: same ranking. -1 flips the ranking.
+with torch.no_grad():
+    tripled = select_topk(ix.scores(q, k, 3.0 * w), pos, k_top)
+    negated = select_topk(ix.scores(q, k, -w), pos, k_top)
+print("x3: selection unchanged:", torch.equal(tripled, package_topk),
+      "| x(-1): keys that change:", int((negated.sort(-1).values != package_topk.sort(-1).values).sum()))
+assert torch.equal(tripled, package_topk) and not torch.equal(negated, package_topk)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 3: with k >= T every causal key is selected, so DSA is dense MLA, bit for bit
+wide = DSAAttention(dataclasses.replace(config, index_topk=T))
+wide.load_state_dict(W)
+with torch.no_grad():
+    same = torch.equal(wide(x), mla(x))
+print(f"k = {T} = T: DSA == MLA bit for bit: {same}")
+assert same

@@ -1,8 +1,12 @@
 # %% [markdown]
 # # 03 · The MoE router: sigmoid gating, top-k, and aux-loss-free balancing
 #
-# 725 of GLM-5's 744 billion parameters sit in **routed experts**: 75 MoE layers of 256 SwiGLU experts each.
-# A token uses 8 of them per layer (plus one shared expert every token uses), so it touches 23B of the 725B.
+# **Prerequisites:** notebook 00 (mixture of experts, routed and shared experts, parameter counts), 00a
+# (SwiGLU). **Reading time:** about 30 minutes (it runs in about 40 s).
+#
+# 725 of GLM-5's 744 billion parameters (paper section 2.1, "Model size scaling") sit in **routed experts**: 75
+# MoE layers of 256 SwiGLU experts each (Table 10). A token uses 8 of them per layer (plus one shared expert
+# every token uses), so it touches 23B of the 725B; the first cell computes these numbers from the config.
 # Which 8 is decided by a **router**, a single (256 × 6144) matrix per layer. This notebook derives it:
 #
 # 1. softmax versus sigmoid gating, and the top-k;
@@ -12,7 +16,7 @@
 # 4. an experiment on a drifting stream of topics: no balancing, the auxiliary loss alone, the bias update.
 #
 # Cells that start with `# derivation` use only `torch`; every other cell imports from `glm5_ref`.
-# The last cell asserts that the derivations and the package agree.
+# The `# check` cell before the exercises asserts that the derivations and the package agree.
 
 # %%
 import dataclasses
@@ -23,8 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Image, display
-
+from glm5_ref.apps.diagrams.moe import moe_routing
+from glm5_ref.apps.figures import show_figure
 from glm5_ref.config import GLM5Config
 
 torch.manual_seed(0)
@@ -52,7 +56,8 @@ print(f"E = {glm5.n_routed_experts}, K = {glm5.num_experts_per_tok}, shared = {g
 # other expert's score, and with 256 experts each score is tiny. A sigmoid score depends on its own expert
 # only: it is an independent "how well does this expert fit", which stays meaningful as experts are added,
 # and which a per-expert bias can shift without touching the others. Once the $K$ experts are chosen, the
-# gate weights are their scores normalised to sum to one, times a scale $\rho$ (2.5 in GLM-5):
+# gate weights are their scores normalised to sum to one, times a scale $\rho$ (2.5 in GLM-5's released
+# configuration, `routed_scaling_factor`, printed above):
 #
 # $$g_{t,e} = \rho \,\frac{s_{t,e}}{\sum_{e' \in \text{sel}_t} s_{t,e'}} \quad (e \in \text{sel}_t).$$
 #
@@ -81,6 +86,13 @@ assert torch.equal(logits.softmax(-1).topk(k).indices, logits.sigmoid().topk(k).
 #   which 4 are kept (so a token's experts live on at most 4 nodes); GLM-5 sets 1/1, which switches it off;
 # - the normalisation and scale of section 1, computed in fp32 whatever the model's dtype.
 #
+# The diagram shows one token's path with GLM-5's numbers, and the bias update of section 3, which closes the
+# loop without a gradient.
+
+# %%
+show_figure(moe_routing(glm5), "03_moe_routing.png");
+
+# %% [markdown]
 # Here it is as a plain loop over tokens (the package does the same with batched tensor operations):
 
 # %%
@@ -117,10 +129,11 @@ for n_group, topk_group, experts, k in ((4, 2, 32, 4), (1, 1, 32, 4)):
     with torch.no_grad():
         gate.e_score_correction_bias.normal_(0.0, 0.05)
     x = torch.randn(37, config.hidden_size)
-    idx, w, scores = gate(x)  # (N, K) best biased score first, (N, K), (N, E)
+    with torch.no_grad():  # routing only: no gradient needed, and none is carried into the comparisons
+        idx, w, scores = gate(x)  # (N, K) best biased score first, (N, K), (N, E)
+        idx_naive, w_naive = route_naive(x, gate.weight, gate.e_score_correction_bias, k, n_group, topk_group,
+                                         config.routed_scaling_factor)
     order = idx.argsort(-1)
-    idx_naive, w_naive = route_naive(x, gate.weight, gate.e_score_correction_bias, k, n_group, topk_group,
-                                     config.routed_scaling_factor)
     assert torch.equal(idx.gather(1, order), idx_naive)
     checks[f"router, groups {n_group}/{topk_group}"] = float((w.gather(1, order) - w_naive).abs().max())
     print(f"groups {n_group}/{topk_group}: same experts for all {len(x)} tokens; max gate difference "
@@ -152,14 +165,17 @@ print("mean gate weight of expert 7:", f"{w_b[idx_b == 7].mean():.3f}", "(its bi
 #
 # The classic fix is an **auxiliary loss** that penalises correlation between how often an expert is chosen
 # and how much affinity it gets. DeepSeek-V3 keeps a sequence-wise version of it with a tiny weight
-# ($\alpha = 10^{-4}$ in GLM-4.5, whose values GLM-5 says it inherits); for a sequence of $T$ tokens
+# ($\alpha = 10^{-4}$ in GLM-4.5, whose hyper-parameters GLM-5 says it keeps: paper Appendix A, "Other
+# hyper-parameters are the same as those of GLM-4.5"; `aux_loss_alpha_seq` in the config); for a sequence of
+# $T$ tokens
 #
 # $$L_{\text{bal}} = \alpha \sum_e f_e P_e,\quad f_e = \frac{E}{K T}\sum_t \mathbb 1[e \in \text{sel}_t],
 #   \quad P_e = \frac1T \sum_t \frac{s_{t,e}}{\sum_{e'} s_{t,e'}}.$$
 #
 # A loss pulls on the same weights that the language-modelling loss trains, so a weight large enough to
 # balance also interferes with learning. The main mechanism is therefore **aux-loss-free**: after each step,
-# every expert's bias moves by a fixed $\gamma$ (0.001) against its load,
+# every expert's bias moves by a fixed $\gamma$ (0.001 in GLM-4.5, hence GLM-5; `bias_update_speed`) against its
+# load,
 #
 # $$b_e \leftarrow b_e + \gamma\,\operatorname{sign}(\bar c - c_e),$$
 #
@@ -215,13 +231,14 @@ for name, router in (("random router", gate), ("router skewed to experts 0-3", s
 # over the 300 training steps, as a pre-training data mix does. Three runs from the same initialisation:
 #
 # - **no balancing**;
-# - **auxiliary loss alone**, with $\alpha = 0.03$: the paper's $10^{-4}$ does nothing visible in 300 steps of
-#   a toy, so it is scaled up 300 times, as a method that relies on the loss alone has to;
+# - **auxiliary loss alone**, with $\alpha = 0.03$: GLM-4.5's $10^{-4}$ does nothing visible in 300 steps of
+#   a toy, so it is scaled up (the factor is printed below), as a method that relies on the loss alone has to;
 # - **bias update** with GLM-5's own $\gamma = 0.001$ and no auxiliary loss.
 #
 # The heat maps show each expert's load per step, as a multiple of the mean (1 = perfectly balanced). A batch
-# of 256 tokens gives each expert 32 token-slots on average, so even a perfect router shows sampling noise of
-# about ±20% per step; the load summed over the last 100 steps shows the balance the router is steering to.
+# of 256 tokens gives each expert 32 token-slots on average, so even a perfect router shows sampling noise per
+# step (its size is printed below); the load summed over the last 100 steps shows the balance the router is
+# steering to.
 
 # %%
 E, K, d, STEPS, BATCH, TOPICS = 16, 2, 16, 300, 256, 8
@@ -268,6 +285,11 @@ def train(method):
     return torch.stack(loads), losses  # (STEPS, E)
 
 
+slots = BATCH * K / E  # token-slots per expert per step, on average
+noise = ((1 - K / E) / slots) ** 0.5  # std / mean of a binomial count: a router choosing uniformly at random
+print(f"{slots:.0f} token-slots per expert per step; a uniform random router's load varies by ±{noise:.0%} "
+      f"(one standard deviation); auxiliary-loss weight {toy.aux_loss_alpha_seq / glm5.aux_loss_alpha_seq:.0f}x "
+      f"GLM-5's {glm5.aux_loss_alpha_seq:g}")
 runs = {method: train(method) for method in ("no balancing", "auxiliary loss", "bias update")}
 summary = {}
 for method, (loads, losses) in runs.items():
@@ -299,6 +321,7 @@ for method, (loads, _) in runs.items():
 ax.axhline(1.0, color="gray", lw=0.8, ls="--")
 ax.set_xlabel("training step")
 ax.set_ylabel("max / mean load\n(9-step average)")
+ax.set_title("the busiest expert's load over training (1 = perfectly balanced)", fontsize=10)
 ax.legend(fontsize=8)
 ax = fig.add_subplot(grid[1, 2])
 mix = torch.stack([topic_mix(s) for s in range(STEPS)])
@@ -306,19 +329,18 @@ ax.imshow(mix.T, aspect="auto", cmap="Blues", interpolation="nearest")
 ax.set_xlabel("training step")
 ax.set_ylabel("topic")
 ax.set_title("topic popularity in the stream", fontsize=10)
-fig.savefig("../figures/03_expert_load.png", dpi=110, bbox_inches="tight")
-plt.close(fig)
-display(Image("../figures/03_expert_load.png"))
+fig.suptitle("expert load on a drifting stream of topics: three ways to balance (or not)", fontsize=12, y=0.98)
+show_figure(fig, "03_expert_load.png");
 
 # %% [markdown]
 # Without balancing, a few experts take most of the tokens and some receive none at all. Top-$K$ routing
 # cannot repair this by itself: an expert that is never chosen gets no gradient, and the router's gradient
 # only reshapes the weights among the experts it already chose. Both balancing methods bring every expert
 # back and keep the load even as the topics drift. The bias does it with GLM-5's own $\gamma$ and nothing
-# added to the loss; the auxiliary loss needed a weight 300 times the paper's, large enough to compete with
-# the task, which is exactly the interference DeepSeek-V3 set out to avoid. (The task losses of the three
-# runs are close in this toy; DeepSeek-V3's ablations at scale found the loss-free method better on most
-# benchmarks.)
+# added to the loss; the auxiliary loss needed a weight 300 times GLM-5's (printed above), large enough to
+# compete with the task, which is exactly the interference DeepSeek-V3 set out to avoid (its section 2.1.2).
+# (The task losses of the three runs are close in this toy; DeepSeek-V3's ablations at scale found the
+# loss-free method better on most benchmarks.)
 
 # %%
 none, aux_loss, bias = (summary[m] for m in ("no balancing", "auxiliary loss", "bias update"))
@@ -341,6 +363,51 @@ assert aux_loss["max/mean of summed load"] < none["max/mean of summed load"] - 0
 # The last check: the derivations and `glm5_ref.moe` agree.
 
 # %%
+# check: the derivations (router, bias update, balance loss) equal glm5_ref.moe
 for name, err in checks.items():
     assert err < 1e-6, (name, err)
 print("derivation == glm5_ref.moe:", {k: f"{v:.1e}" for k, v in checks.items()})
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Switch the normalisation off (`norm_topk_prob=False`) and push expert 7's bias to 10 as in section 2.
+#    Predict expert 7's gate weight for a token in terms of its sigmoid score, then check with `MoEGate`.
+# 2. An expert keeps receiving 9 token-slots per step, more than the mean. With GLM-5's $\gamma$, predict after
+#    how many steps its bias has fallen by 0.05, then check with `update_router_bias`.
+# 3. A router that picks its top-2 of 16 experts uniformly at random, on batches of 256 tokens: predict the
+#    standard deviation of an expert's load divided by the mean load, then check by simulating 2000 batches.
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 1: without the normalisation the gate weight is rho * s_7, the unbiased score times 2.5
+raw = MoEGate(dataclasses.replace(config, norm_topk_prob=False))
+with torch.no_grad():
+    raw.weight.copy_(gate.weight)
+    raw.e_score_correction_bias[7] = 10.0
+    idx_r, w_r, scores_r = raw(x)
+prediction = raw.routed_scaling_factor * scores_r[:, 7]  # (N,)
+measured = w_r[idx_r == 7]  # (N,): expert 7 is chosen by every token
+print(f"expert 7: gate weight {measured.mean():.3f} on average = 2.5 x its sigmoid score {scores_r[:, 7].mean():.3f}")
+assert (idx_r == 7).any(-1).all() and torch.allclose(measured, prediction)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 2: the bias moves by gamma = 0.001 per step, so 0.05 takes 50 steps
+g_ex = MoEGate(dataclasses.replace(GLM5Config.tiny(), bias_update_speed=glm5.bias_update_speed))
+load_ex = torch.tensor([9, 4, 4, 4, 4, 4, 4, 3])  # mean 4.5; expert 0 is over it
+steps = 0
+while g_ex.e_score_correction_bias[0] > -0.05 + 1e-6:
+    update_router_bias(g_ex, load_ex)
+    steps += 1
+print(f"bias of the overloaded expert after {steps} steps: {g_ex.e_score_correction_bias[0]:.3f}")
+assert steps == round(0.05 / glm5.bias_update_speed)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 3: each expert is picked by a token with probability p = 2/16, so its count is Binomial(256, p):
+# std / mean = sqrt((1 - p) / (256 p))
+p_pick = 2 / 16
+prediction = ((1 - p_pick) / (256 * p_pick)) ** 0.5
+picks = torch.rand(2000, 256, 16, generator=torch.Generator().manual_seed(0)).topk(2, dim=-1).indices
+counts = torch.zeros(2000, 16).scatter_add_(1, picks.flatten(1), torch.ones(2000, 512))  # (2000, 16) loads
+measured = float((counts / counts.mean(-1, keepdim=True)).std())
+print(f"predicted {prediction:.3f}, simulated {measured:.3f}")
+assert abs(measured - prediction) < 0.01
