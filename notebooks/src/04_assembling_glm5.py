@@ -27,6 +27,7 @@
 
 # %%
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -35,7 +36,7 @@ import torch
 from einops import einsum, rearrange
 
 from glm5_ref.apps.diagrams.overview import decoder_layer
-from glm5_ref.apps.figures import show_figure
+from glm5_ref.apps.figures import show_figure, show_saved
 from glm5_ref.block import DecoderLayer
 from glm5_ref.config import GLM5Config
 from glm5_ref.execution import Execution
@@ -333,6 +334,27 @@ with tempfile.TemporaryDirectory() as tmp:
 assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 assert torch.equal(loaded.generate(prompt, 10), cached)
 print("round trip: bit-exact weights, identical generation")
+
+# %% [markdown]
+# ## Out of the checkpoint: quantized deployment
+#
+# The released checkpoint is also the start of deployment. GLM-5 serves with W4A8 (paper section 5: 4-bit
+# weights for the routed experts, 8-bit activations) and trains the experts with INT4 quantization-aware
+# training (section 2.4.3). `python -m glm5_ref experiment quantization` applies each scheme of
+# `glm5_ref/quant.py` to the shipped classroom model and measures what it costs in bits per byte on held-out
+# code; its results are committed in `figures/quantization.json`, read here:
+
+# %%
+with open("../figures/quantization.json") as f:
+    quant = json.load(f)
+print(f"{'scheme':>28} {'bits/byte':>10} {'delta':>9} {'top-1 agreement':>16}")
+for row in quant["rows"]:
+    print(f"{row['scheme']:>28} {row['bits_per_byte']:10.4f} {row['delta_bits_per_byte']:+9.4f} "
+          f"{row['top1_agreement']:16.3f}")
+qat = quant["qat"]
+print(f"INT4 QAT vs quantizing after the same fine-tune: {qat['qat_bits_per_byte']:.4f} vs "
+      f"{qat['finetune_then_ptq_bits_per_byte']:.4f} bits/byte")
+show_saved("quantization.png")
 
 # %% [markdown]
 # ## The check
