@@ -4,14 +4,50 @@ Written atomically (a staging folder, then a rename), in the layout pretrained.p
     config.json         the released Hugging Face layout
     model.safetensors   the weights in bf16 (one file, about 33 MB; refused above 40 MB)
     metrics.json        the post-training results (the stage-by-skill matrix, context management, the goals), the
-                        attention it was trained with, and the sha256 of model.safetensors
+                        attention it was trained with, the sha256 of model.safetensors, and "check": the
+                        greedy scores of the bf16 weights on the first CHECK_N held-out questions of each family,
+                        which tests/test_pretrained_chat.py recomputes from the shipped file
     README.md           the model card: the stages, the measured numbers, how to load it and chat with it
 """
 
 from __future__ import annotations
 
 import os
+import copy
 from pathlib import Path
+
+import torch
+
+CHECK_N = {"reasoning": 16, "instruction": 16, "agentic": 4}
+
+
+def chat_check(model) -> dict:
+    """Greedy scores on the first CHECK_N held-out examples of each family (evaluate.eval_sets): accuracy on
+    reasoning, the constraint pass rate on instructions, the success rate of agentic episodes."""
+    from glm5_ref.apps.post_train.evaluate import EvalConfig, eval_sets
+    from glm5_ref.apps.post_train.rollout import answer_turns, run_episodes
+    from glm5_ref.apps.post_train.tasks import instruction_pass, reasoning_reward
+    from glm5_ref.apps.post_train.tools import agentic_reward, execute
+
+    cfg = EvalConfig(reasoning=CHECK_N["reasoning"], general=CHECK_N["instruction"], agentic=CHECK_N["agentic"])
+    sets = eval_sets(cfg)
+    model.eval()
+    r = answer_turns(model, sets["reasoning"], cfg.reasoning_tokens, temperature=0.0)
+    g = answer_turns(model, sets["general"], cfg.general_tokens, temperature=0.0)
+    eps = run_episodes(model, sets["agentic"], execute, agentic_reward, max_new_tokens=cfg.agentic_tokens,
+                       temperature=0.0, prefix="check-")
+    return {"reasoning": sum(reasoning_reward(t["example"], t["msg"]) for t in r) / len(r),
+            "instruction": sum(instruction_pass(t["example"], t["msg"]) for t in g) / len(g),
+            "agentic": sum(e["reward"] for e in eps) / len(eps), "n": dict(CHECK_N)}
+
+
+def bf16_copy(model):
+    """The model as the shipped file holds it: every weight rounded to bf16 (and back, to compute in fp32)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    return rounded
 
 
 def _card(m: dict) -> str:
@@ -52,6 +88,11 @@ print(parse(out[0, len(ids):].tolist()))  # {{'content': '2', 'reasoning_content
 Context management on the long-horizon catalog task (window {m['context_management_details']['window']} tokens):
 {cm}. Goals of issue #19: {goals}.
 
+The shipped bf16 weights, greedy, on the first held-out questions (`metrics.json` "check", recomputed by the
+project's tests): reasoning {m['check']['reasoning']:.3f} ({m['check']['n']['reasoning']} questions), instruction
+{m['check']['instruction']:.3f} ({m['check']['n']['instruction']}), agentic {m['check']['agentic']:.3f}
+({m['check']['n']['agentic']} episodes).
+
 Wall time per stage: {stages}. Machine: {m['machine']}. Seeds: {m['seeds']}.
 
 ## What it can do, and what it cannot
@@ -71,8 +112,9 @@ def ship_chat_model(model, doc: dict, dest=None) -> Path:
     from glm5_ref.pretrained import CHECKPOINTS, REBUILD, write_shipped
 
     dest = Path(dest) if dest is not None else CHECKPOINTS / "classroom-chat"
-    metrics = write_shipped(model, dest, {k: v for k, v in doc.items() if k != "config"}, _card,
-                            REBUILD["classroom-chat"])
+    doc = {k: v for k, v in doc.items() if k != "config"}
+    doc["check"] = chat_check(bf16_copy(model))
+    metrics = write_shipped(model, dest, doc, _card, REBUILD["classroom-chat"])
     print(f"[ship] wrote {os.fspath(dest)} ({(dest / 'model.safetensors').stat().st_size / 2**20:.1f} MB, "
           f"sha256 {metrics['sha256'][:16]}...)")
     return dest

@@ -1,6 +1,11 @@
 # %% [markdown]
 # # 12 · Post-training: the chat template, SFT, three kinds of RL, cross-stage distillation, context management
 #
+# **Prerequisites:** notebook 00a (tokens and the tokenizer's special ids), 05 (greedy and speculative decoding),
+# 06 (the classroom model and its training), 08 (GRPO, IcePop, TITO and the asynchronous RL loop).
+# **Reading time:** about 30 minutes (it runs in about 60 s: the post-training itself is a script, its results
+# are loaded).
+#
 # Half of GLM-5 happens after pre-training (report section 3, Figure 5):
 #
 # **SFT → Reasoning RL → Agentic RL → General RL**, then **on-policy cross-stage distillation** to win back what
@@ -31,12 +36,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import Image, display
 
 from glm5_ref.chat import parse, render
 from glm5_ref.rl import distillation_advantage, grpo_icepop_loss
 from glm5_ref.tito import CHAT_STOPS, ChatConversation, TITOGateway
 from glm5_ref.tokenizer import decode
+from glm5_ref.apps.figures import show_saved
 from glm5_ref.apps.post_train import context as cm
 from glm5_ref.apps.post_train.tasks import general_example, reasoning_example
 from glm5_ref.apps.post_train.tools import agentic_example
@@ -291,7 +296,7 @@ for st in res["stages"]:
     print(f"{st:>13} " + " ".join(f"{row[s]:12.2f}" if row.get(s) is not None else f"{'-':>12}" for s in skills))
 print("\ngoals:", res["goals"])
 print("minutes per stage:", {k: round(v / 60, 1) for k, v in res["timing_s"].items()})
-display(Image("../figures/post_training.png"))
+show_saved("post_training.png")
 
 # %%
 e, stages = res["eval"], res["stages"]
@@ -452,6 +457,43 @@ for m in ep["messages"][1:]:
 # The last check: the derivations and the package agree.
 
 # %%
+# check: every derivation of this notebook equals the package
 for name, (err, tolerance) in checks.items():
     assert err < tolerance, (name, err, tolerance)
 print(f"derivation == glm5_ref ({len(checks)} checks); notebook ran in {time.perf_counter() - t_notebook:.0f} s")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. A three-turn session (user, assistant with reasoning, user, assistant with reasoning, user, assistant with
+#    reasoning), rendered in preserved mode and in interleaved mode: predict how many `<think>` blocks each
+#    rendering holds, then check.
+# 2. Lower IcePop's $\beta$ from 2 to 1.5 in the derivation of section 3. Predict whether the popped mass at
+#    $\sigma = 0.5$ goes up or down, then check.
+# 3. keep-recent-k with $k = 1$ on the long-horizon example of section 6: how many tool results become the
+#    placeholder? Predict from the number of tool rounds, then check.
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 1: preserved keeps all three reasoning blocks; interleaved keeps only the one after the last user turn
+three = []
+for i in range(3):
+    three += [{"role": "user", "content": f"question {i}"},
+              {"role": "assistant", "reasoning_content": f"step {i}", "content": f"answer {i}"}]
+n_pre = render(three, clear_thinking=False).text.count("<think>")
+n_int = render(three).text.count("<think>")
+print(f"preserved: {n_pre} <think> blocks, interleaved: {n_int}")
+assert (n_pre, n_int) == (3, 1)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 2: a narrower trust band [1/beta, beta] pops more of the sampler's mass
+popped_2, popped_15 = expected_grads(0.5, beta=2.0)[2], expected_grads(0.5, beta=1.5)[2]
+print(f"popped mass at sigma 0.5: beta 2 -> {popped_2:.3f}, beta 1.5 -> {popped_15:.3f}")
+assert popped_15 >= popped_2
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 3: every tool result but the most recent one is folded
+rounds = sum(m["role"] == "tool" for m in msgs)
+folded_1 = cm.keep_recent_k(msgs, 1)
+n_placeholder = sum(m["role"] == "tool" and m["content"] == "Tool result is omitted to save tokens." for m in folded_1)
+print(f"{rounds} tool rounds -> {n_placeholder} placeholders with k = 1")
+assert n_placeholder == rounds - 1
