@@ -1,22 +1,30 @@
 # %% [markdown]
 # # 09 · Triton kernels: sparse MLA, step by step from its PyTorch twin
 #
+# **Prerequisites:** notebook 00a (SwiGLU), notebook 01 (MLA: the latent cache, absorption), notebook 02 (DSA: the lightning indexer
+# and its top-k selection), notebook 03 (MoE: routed experts, the grouped expert GEMM), notebook 05 (MTP: several
+# query tokens per decode step), notebook 07 (Muon's Newton-Schulz iteration). Online softmax, the log-sum-exp
+# (lse), split-K, tiles and the roofline are defined here. **Reading time:** about 30 minutes (it runs in about 10 s).
+#
 # Notebooks 01 and 02 showed **what** GLM-5's attention computes: MLA caches one 576-wide row per token
 # (a 512-wide latent plus a 64-wide RoPE key), and DSA's lightning indexer picks the top-k = 2048 of those rows
-# for every query. This notebook shows **how** that is made fast. We derive the sparse MLA forward kernel in
+# for every query (Table 10 of the paper: `index_topk` 2048). This notebook shows **how** that is made fast. We derive the sparse MLA forward kernel in
 # Triton from its PyTorch twin, `MLA.attend_gathered`, one step at a time:
 #
-# 1. the twin, and the one query-token slice of it that a kernel program computes;
+# 1. the twin (the PyTorch function the kernel must reproduce), and the one query-token slice of it that a
+#    kernel program computes;
 # 2. the same slice with an **online softmax** over blocks of selected keys (FlashAttention's trick), in plain
 #    PyTorch;
 # 3. the Triton kernel: the loop of step 2, with gathers by index and `tl.dot`, run in Triton's **CPU
 #    interpreter**, checked against the twin and against `glm5_kernels.sparse_mla`;
-# 4. the roofline: why MLA **decode** is memory-bound at a few heads and compute-bound at GLM-5's, and where
-#    the crossover lies on an H100 and an H200 (datasheet numbers);
+# 4. the roofline: when MLA **decode** is memory-bound and when compute-bound, at GLM-5's 64 heads and at other
+#    head counts, and where the crossover lies on an H100 and an H200 (datasheet numbers);
 # 5. the other kernels in `kernels/` and what has been measured.
 #
-# No GPU was used here: every kernel runs in the interpreter (`TRITON_INTERPRET=1`), which executes each program
-# instance with numpy, one at a time. That checks correctness, never speed. **GPU timings: not yet measured.**
+# Triton is a Python language for GPU kernels: a kernel is written for one **program instance** (one block of
+# the output), and a **grid** of such instances runs in parallel. No GPU was used here: without CUDA, every
+# kernel runs in Triton's CPU interpreter (`TRITON_INTERPRET=1`, in fp32), which executes each program instance
+# with numpy, one at a time. That checks correctness, never speed. **GPU timings: not yet measured.**
 #
 # Cells that start with `# derivation` use only `torch` and `triton`; every other cell imports from `glm5_ref`
 # or `kernels`.
@@ -38,13 +46,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import triton
 import triton.language as tl
-from IPython.display import Image, display
+from IPython.display import Markdown, display
 
+from glm5_ref.apps.figures import show_figure
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import DSAAttention
 from glm5_kernels.sparse_mla import absorbed_sparse_attention, flops_bytes, sparse_mla_fwd
 
-t_notebook = time.perf_counter()
+t_notebook, cpu_notebook = time.perf_counter(), time.process_time()
 torch.manual_seed(0)
 torch.set_num_threads(1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,11 +232,52 @@ print(f"derived kernel vs twin: rel err {checks['derived Triton kernel == attend
 
 # %% [markdown]
 # The package kernel, `glm5_kernels.sparse_mla.sparse_mla_fwd`, is this program plus a batch axis, fp16/bf16
-# loads (cast to fp32 in the interpreter), the log-sum-exp output, and a **split over K** for decode: with one
-# query token per sequence there are only $B \cdot H / \text{BLOCK\_H}$ programs, too few to fill 132 SMs, so
-# each token's K indices are divided among `num_splits` programs, each writes a partial output and its
-# log-sum-exp, and a merge weights them by $e^{\mathrm{lse}_n - \mathrm{lse}}$. `absorbed_sparse_attention` wraps
-# it with the $W^{UK}$/$W^{UV}$ einsums; it is what `DSAAttention(use_triton=True)` calls on a GPU.
+# loads (cast to fp32 in the interpreter), an lse output, and split-K for decode. Two definitions:
+#
+# * **lse**, the log-sum-exp of one row of scores, $\mathrm{lse} = \log \sum_j e^{s_j}$ (in the loop above,
+#   $m + \log \ell$). It is the softmax's normaliser in log form, and it is what lets partial softmax results
+#   over different blocks of keys be merged **exactly**: if $o_n$ is the softmax-weighted output over key block
+#   $n$ alone and $\mathrm{lse}_n$ that block's log-sum-exp, then with $\mathrm{lse} = \log \sum_n
+#   e^{\mathrm{lse}_n}$ the full output is $o = \sum_n e^{\mathrm{lse}_n - \mathrm{lse}}\, o_n$.
+# * **split-K**: splitting the key dimension of one query's attention (here its K selected keys) across
+#   several program instances, each returning a partial output and its lse, merged at the end by that formula.
+#   Decode needs it: with one query token per sequence there are only $B \cdot H / \text{BLOCK\_H}$ programs,
+#   too few to fill an H100's 132 SMs (streaming multiprocessors, the GPU's cores); split-K multiplies that by
+#   `num_splits`.
+#
+# First the merge by hand, in plain PyTorch: split each query's 11 selected keys into two blocks, attend to each
+# alone, merge with the lse weights.
+
+# %%
+# derivation
+def one_token_partial(q_t, rows_b, idx_t, scale, C):
+    """-> (o (H, C), lse (H,)): softmax attention over the keys idx_t alone; lse = -inf if none is valid."""
+    valid = idx_t >= 0
+    r = rows_b[idx_t.clamp_min(0)]
+    s = ((q_t @ r.T) * scale).masked_fill(~valid, float("-inf"))  # (H, K')
+    lse = torch.logsumexp(s, -1)  # (H,)
+    if not valid.any():
+        return torch.zeros(q_t.shape[0], C), lse
+    return torch.exp(s - lse[:, None]) @ r[:, :C], lse
+
+
+def merge(parts):
+    """[(o_n, lse_n)] -> o = sum_n exp(lse_n - lse) o_n, lse = logsumexp_n lse_n (an all-empty query gives 0)."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)  # (H,)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    return sum(torch.exp(l - safe)[:, None] * o for o, l in parts)
+
+
+o_merged = torch.stack([merge([one_token_partial(q_abs[0, t], rows[0], idx[0, t, :6], attn.scale, C),
+                               one_token_partial(q_abs[0, t], rows[0], idx[0, t, 6:], attn.scale, C)])
+                        for t in range(T)])[None]
+checks["split-K merge by hand == one pass"] = (rel(o_merged, o_slices), 1e-5)
+print(f"two key blocks merged by their lse vs one pass: rel err {checks['split-K merge by hand == one pass'][0]:.1e}")
+
+# %% [markdown]
+# The package does the same with `num_splits` Triton programs per token and `combine_splits` for the merge.
+# `absorbed_sparse_attention` wraps the kernel with the $W^{UK}$/$W^{UV}$ einsums; it is what
+# `DSAAttention(use_triton=True)` calls on a GPU.
 
 # %%
 o_pkg = sparse_mla_fwd(q_abs, rows, idx, attn.scale, d_v=C)
@@ -247,7 +297,8 @@ for name in ("derived kernel == glm5_kernels.sparse_mla", "split-K decode == one
 # arithmetic intensity $I$ = FLOPs / bytes is below the device's ridge point $\pi / \beta$ (peak FLOP/s over
 # memory bandwidth). Its attainable speed is $\min(\pi, I \beta)$.
 #
-# For MLA decode, each cached row (576 values, 1152 bytes in bf16) is read once per token and used by all
+# (Bytes here: GB means $10^9$ bytes, TB/s $10^{12}$ bytes per second.) For MLA decode, each cached row (576
+# values, 1152 bytes in bf16) is read once per token and used by all
 # $h_q$ query heads of every one of the $s_q$ query tokens of that sequence (with MTP, $s_q = 2$ to 4). Per row:
 #
 # $$\text{FLOPs} = 2\, h_q\, s_q\, (576 + 512), \qquad \text{bytes} = 576 \cdot 2,\qquad
@@ -258,24 +309,37 @@ for name in ("derived kernel == glm5_kernels.sparse_mla", "split-K decode == one
 
 # %%
 DATASHEET = {"H100 SXM (datasheet)": (989e12, 3.35e12), "H200 SXM (datasheet)": (989e12, 4.8e12)}
-bytes_per_row = (512 + 64) * 2  # bf16 latent + RoPE key: 1152 B per token per layer
-per_row_flops = 2 * (576 + 512)  # per head and query token
+glm5 = GLM5Config.glm5()
+HQ = glm5.num_attention_heads  # 64 query heads
+D_ROW, D_V = glm5.kv_lora_rank + glm5.qk_rope_head_dim, glm5.kv_lora_rank  # 576-wide rows, 512-wide values
+bytes_per_row = D_ROW * 2  # bf16 latent + RoPE key: 1152 B per token per layer
+per_row_flops = 2 * (D_ROW + D_V)  # per head and query token: 2 x (576 + 512)
+print(f"GLM-5: {HQ} query heads, rows of {D_ROW} values ({bytes_per_row} B in bf16), {per_row_flops} FLOPs per row "
+      f"per head and query token -> I = {per_row_flops / bytes_per_row:.2f} h_q s_q FLOP/B")
 crossover = {}
 for name, (peak, bw) in DATASHEET.items():
     ridge = peak / bw
     crossover[name] = ridge * bytes_per_row / per_row_flops  # h_q * s_q where decode turns compute-bound
     print(f"{name}: ridge {ridge:.0f} FLOP/B -> MLA decode compute-bound from h_q*s_q = {crossover[name]:.0f}")
-for hq, sq in [(16, 1), (64, 1), (128, 1), (128, 2)]:
-    I_ = per_row_flops * hq * sq / bytes_per_row
+intensity_of = {}
+for hq, sq in [(16, 1), (HQ, 1), (HQ, 2), (128, 1), (128, 2)]:
+    I_ = intensity_of[hq, sq] = per_row_flops * hq * sq / bytes_per_row
     print(f"  h_q={hq:3d} s_q={sq}: intensity {I_:5.0f} FLOP/B -> "
           + ", ".join(f"{n.split()[0]} {'compute' if I_ > p / b else 'memory'}-bound" for n, (p, b) in DATASHEET.items()))
+h200_bw = DATASHEET["H200 SXM (datasheet)"][1]
+print(f"h_q=16, s_q=1 on an H200: at most {intensity_of[16, 1] * h200_bw / 1e12:.0f} TFLOP/s of useful work")
+fp8_row = 656  # FlashMLA's FP8 row: 512 FP8 latent values + 64 bf16 RoPE values + 4 fp32 scales = 512 + 128 + 16 B
+print(f"FP8 cache: {fp8_row} B per row, {bytes_per_row / fp8_row:.2f}x fewer bytes -> H200 crossover at h_q*s_q = "
+      f"{crossover['H200 SXM (datasheet)'] * fp8_row / bytes_per_row:.0f}")
 
 # the package's own count for sparse prefill (FlashMLA's formula), by how many heads share one gathered row
-for bh in (128, 16):
-    f, by = flops_bytes(1, 4096, 128, 2048, block_h=bh)
-    print(f"sparse MLA prefill, 4096 queries x 2048 keys x 128 heads, {bh:3d} heads per program: {f / 1e12:.2f} TFLOP, "
+prefill = {}
+for h, bh in ((128, 128), (128, 16), (HQ, HQ), (HQ, 16)):
+    f, by = prefill[h, bh] = flops_bytes(1, 4096, h, 2048, block_h=bh)
+    print(f"sparse MLA prefill, 4096 queries x 2048 keys x {h:3d} heads, {bh:3d} heads per program: {f / 1e12:.2f} TFLOP, "
           f"{by / 1e9:5.1f} GB from memory if nothing is cached -> {f / by:4.0f} FLOP/B")
-print(f"at FlashMLA's 640 TFLOP/s (H800) the {f / 1e12:.2f} TFLOP take {f / 640e12 * 1e3:.2f} ms")
+f = prefill[128, 128][0]
+print(f"at FlashMLA's 640 TFLOP/s (H800) the {f / 1e12:.2f} TFLOP of the 128-head shape take {f / 640e12 * 1e3:.2f} ms")
 
 # %%
 hs = torch.logspace(0, 10, 200, base=2)  # h_q * s_q from 1 to 1024
@@ -284,9 +348,10 @@ for (name, (peak, bw)), color in zip(DATASHEET.items(), ["tab:blue", "tab:red"])
     intensity = per_row_flops * hs / bytes_per_row
     ax.plot(hs, torch.minimum(torch.full_like(hs, peak), intensity * bw) / 1e12, color=color, label=name)
     ax.axvline(crossover[name], color=color, ls=":", lw=1)
-for hq, sq, label in [(16, 1, "h_q=16"), (64, 1, "GLM-5 h_q=64"), (128, 2, "FlashMLA bench 128x2")]:
+for hq, sq, label in [(16, 1, "h_q=16"), (HQ, 1, f"GLM-5 h_q={HQ}"), (HQ, 2, f"GLM-5 + MTP {HQ}x2"),
+                      (128, 2, "FlashMLA bench 128x2")]:
     ax.axvline(hq * sq, color="gray", ls="--", lw=0.8)
-    ax.text(hq * sq * 1.05, 60, label, rotation=90, fontsize=8, color="gray")
+    ax.text(hq * sq * 1.05, 12, label, rotation=90, fontsize=8, color="gray")
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
 ax.set_xlabel("query heads x query tokens per sequence (h_q * s_q)")
@@ -294,32 +359,60 @@ ax.set_ylabel("attainable TFLOP/s (bf16)")
 ax.set_title("MLA decode roofline, datasheet peaks (dotted: crossover)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-os.makedirs("../figures", exist_ok=True)
-fig.savefig("../figures/09_mla_decode_roofline.png", dpi=110)
-plt.close(fig)
-display(Image("../figures/09_mla_decode_roofline.png"))
+_ = show_figure(fig, "09_mla_decode_roofline.png")
 
 # %% [markdown]
 # With 16 heads and one query token the intensity is 30 FLOP/B: at best about 145 TFLOP/s of useful work on an
 # H200's 4.8 TB/s, so such a kernel is judged in GB/s. GLM-5 has 64 query heads: one query token gives 121
-# FLOP/B, memory-bound on both; with MTP's $s_q = 2$ ($h_q s_q = 128$) decode passes the H200's crossover (109)
-# but not the H100's (156). FlashMLA's benchmark shape (128 heads, $s_q = 2$) is compute-bound on both. The FP8
-# cache (656 B per row instead of 1152) lowers the crossover by another 1.76x.
+# FLOP/B, memory-bound on both; with MTP's $s_q = 2$ ($h_q s_q = 128$, 242 FLOP/B) decode passes the H200's
+# crossover (109) but not the H100's (156). FlashMLA's benchmark shape (DeepSeek's 128 heads, $s_q = 2$) is
+# compute-bound on both. The FP8 cache (656 B per row instead of 1152) lowers the crossover by another 1.76x,
+# to 62 on the H200. This is why the paper (section 2.1, "Multi-latent Attention") cut the head count from 96
+# to 64 at width 256 ("MLA-256"): decode work per cached byte fell by a third.
 #
 # Sparse prefill is compute-bound only if a gathered row serves many heads before it is dropped: 216 FLOP/B
-# with all 128 heads in one program (FlashMLA's layout), but 30 FLOP/B with 16-head programs if every re-read
-# came from HBM. The package kernel uses 16-head programs and relies on the L2 cache for the re-reads (the 8
-# head blocks of a token are neighbouring programs); whether that holds is a GPU measurement, not yet made.
+# with all 128 heads of FlashMLA's shape in one program (114 at GLM-5's 64), but 30 FLOP/B with 16-head
+# programs if every re-read came from HBM (the GPU's main memory). The package kernel uses 16-head programs and
+# relies on the L2 cache for the re-reads (the head blocks of a token are neighbouring programs); whether that
+# holds is a GPU measurement, not yet made.
 #
 # ## 5. The other kernels, and what has been measured
 #
-# | kernel (`kernels/`) | what | twin in `glm5_ref` | GLM-5 shape for the GPU goal | GPU time |
-# |---|---|---|---|---|
-# | `indexer.indexer_topk` | fused $q \cdot k$, ReLU, weighted head sum, causal top-k (bitonic merge) | `Indexer.scores` + `select_topk` | 4096 queries, 32K keys, 32 heads x 128, k = 2048 | not yet measured on a GPU |
-# | `sparse_mla.sparse_mla_fwd` | this notebook's kernel (+ batch, split-K decode) | `MLA.attend_gathered` | 4096 queries, 32K keys, k = 2048, 128 heads, 576/512 | not yet measured on a GPU |
-# | `moe_gemm.moe_experts` | grouped GEMM over expert segments, SwiGLU epilogue | `MoE` (grouped / loop) | 32K tokens, d 2048, I 768, E 128, top-8 | not yet measured on a GPU |
-# | `newton_schulz.xxt` / `ns5_step` | $XX^\top$ on one triangle of tiles; NS5 step | `muon.newton_schulz` | 4096 x 4096, 8192 x 8192 | not yet measured on a GPU |
-#
+# `kernels/` (imported as `glm5_kernels`) holds four kernels, each with a PyTorch twin in `glm5_ref`. The table
+# gives, for each, GLM-5's own shape (read from `GLM5Config.glm5()`, i.e. Table 10 of the paper) and the shape
+# `python -m glm5_kernels.bench` times on a GPU. The benchmark shapes are those of published reference kernels
+# (FlashMLA's 128-head sparse MLA, VeOmni's grouped MoE GEMM), so that a timing can be compared with a published
+# one; they are **not** GLM-5's shapes.
+
+# %%
+g = glm5
+bench_shape = {  # what kernels/bench.py times on a GPU (the shapes of published reference kernels)
+    "indexer": "4096 queries, 32K keys, 32 heads x 128, k = 2048",
+    "sparse_mla": "4096 queries, 32K keys, k = 2048, 128 heads (FlashMLA), 576/512",
+    "moe": "32K tokens, d 2048, I 768, E 128, top-8 (VeOmni)",
+    "ns": "4096 x 4096, 8192 x 8192",
+}
+glm5_shape = {
+    "indexer": f"{g.index_n_heads} heads x {g.index_head_dim}, k = {g.index_topk}, up to {g.max_position_embeddings:,} keys",
+    "sparse_mla": f"k = {g.index_topk}, {g.num_attention_heads} heads, rows {g.kv_lora_rank + g.qk_rope_head_dim}"
+                  f" / values {g.kv_lora_rank}",
+    "moe": f"d {g.hidden_size}, I {g.moe_intermediate_size}, E {g.n_routed_experts}, top-{g.num_experts_per_tok}",
+    "ns": f"experts {g.moe_intermediate_size} x {g.hidden_size}; Muon Split head blocks {g.qk_head_dim} x {g.q_lora_rank}",
+}
+kernel_rows = [
+    ("`indexer.indexer_topk`", "fused $q \\cdot k$, ReLU, weighted head sum, causal top-k (bitonic merge)",
+     "`Indexer.scores` + `select_topk`", "indexer"),
+    ("`sparse_mla.sparse_mla_fwd`", "this notebook's kernel (+ batch, split-K decode)", "`MLA.attend_gathered`",
+     "sparse_mla"),
+    ("`moe_gemm.moe_experts`", "grouped GEMM over expert segments, SwiGLU epilogue", "`MoE` (grouped / loop)", "moe"),
+    ("`newton_schulz.xxt` / `ns5_step`", "$XX^\\top$ on one triangle of tiles; NS5 step", "`muon.newton_schulz`", "ns"),
+]
+table = ["| kernel | what | twin in `glm5_ref` | GLM-5's shape | benchmark shape (GPU) | GPU time |", "|---" * 6 + "|"]
+table += [f"| {k} | {w} | {t} | {glm5_shape[key]} | {bench_shape[key]} | not yet measured |" for k, w, t, key in kernel_rows]
+display(Markdown("\n".join(table)))
+assert (g.num_attention_heads, g.hidden_size, g.moe_intermediate_size, g.n_routed_experts) == (64, 6144, 2048, 256)
+
+# %% [markdown]
 # `python -m glm5_kernels.bench` times them on a GPU (TFLOP/s, GB/s, fraction of the measured ceilings, ratio to
 # the twin and to `torch.compile` of it); on a CPU it runs the correctness checks below and says that timings
 # need a GPU.
@@ -340,14 +433,62 @@ checks["kernels.bench correctness rows"] = (sum(not r["ok"] for r in rows_ok), 0
 # - Sparse MLA is the twin's per-token slice with an online softmax over blocks of selected rows: gather each
 #   row once (all heads share it), two `tl.dot`s for the 512 + 64 score, a third for the values, which are the
 #   same latents. Padding is a masked load and a $-\infty$ score; an empty selection gives zeros.
+# - The lse of each partial result is what makes split-K exact: partial outputs over disjoint key blocks merge
+#   with weights $e^{\mathrm{lse}_n - \mathrm{lse}}$.
 # - Decode reads 1152 bytes per selected row and does $2 \cdot 1088$ FLOPs per head and query token with it:
-#   memory-bound below $h_q s_q \approx 109$ on an H200 (datasheet), compute-bound above.
+#   memory-bound below $h_q s_q \approx 109$ on an H200 (datasheet), compute-bound above; GLM-5's 64 heads cross
+#   it only with two query tokens per step (MTP) or an FP8 cache.
 # - Everything here ran in Triton's CPU interpreter and checks correctness only. GPU timings: not yet measured.
 #
-# The last check: the derivations and the package agree.
+# The check: every derivation above equals the package (`glm5_ref`'s twin and the `glm5_kernels` kernels), and
+# the roofline numbers the prose states are the ones computed.
 
 # %%
+# check: derivation == glm5_ref / glm5_kernels, and the roofline numbers of the prose
 for name, (err, tolerance) in checks.items():
     assert err < tolerance, (name, err, tolerance)
-print(f"derivation == glm5_ref / kernels ({len(checks)} checks); notebook ran in {time.perf_counter() - t_notebook:.0f} s "
-      "(2-core shared CPU, 2026-11-29)")
+assert round(crossover["H200 SXM (datasheet)"]) == 109 and round(crossover["H100 SXM (datasheet)"]) == 156
+assert round(intensity_of[16, 1]) == 30 and round(intensity_of[HQ, 1]) == 121 and round(intensity_of[HQ, 2]) == 242
+assert intensity_of[HQ, 2] > 989e12 / 4.8e12 > intensity_of[HQ, 1]  # GLM-5 + MTP compute-bound on an H200
+assert [round(f / by) for f, by in (prefill[128, 128], prefill[HQ, HQ], prefill[HQ, 16])] == [216, 114, 30]
+print(f"derivation == glm5_ref / kernels ({len(checks)} checks); roofline numbers as stated; "
+      f"notebook ran in {time.perf_counter() - t_notebook:.0f} s "
+      f"(wall clock; {time.process_time() - cpu_notebook:.0f} s of CPU in this process)")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. FlashMLA stores the cache in FP8: 656 bytes per row instead of 1152. Predict the value of $h_q s_q$ at which
+#    MLA decode turns compute-bound on an H200 (datasheet numbers), and whether GLM-5 with one query token per
+#    step is then memory- or compute-bound. Check with the section 4 formula.
+# 2. The online softmax must not depend on the block size. Predict what `one_token_online` returns with
+#    `block_k` = 1, 3 and 11 (one block) compared with the one-pass slice, then check.
+# 3. Split each query's 11 selected keys into **three** blocks (4, 4, 3) instead of two, merge them by their lse
+#    with `merge`, and check the result against `sparse_mla_fwd(..., num_splits=3)`. What weight does a block of
+#    padding only get, and why?
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 1
+peak, bw = DATASHEET["H200 SXM (datasheet)"]
+crossover_fp8 = (peak / bw) * 656 / per_row_flops  # h_q * s_q where FP8 decode turns compute-bound
+print(f"FP8 cache: compute-bound from h_q*s_q = {crossover_fp8:.0f}; GLM-5 with one token: h_q*s_q = {HQ}")
+assert 60 < crossover_fp8 < 64 and HQ > crossover_fp8  # one token per step is now (just) compute-bound
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 2
+for bk in (1, 3, 11):
+    o_bk = torch.stack([one_token_online(q_abs[0, t], rows[0], idx[0, t], attn.scale, C, block_k=bk)
+                        for t in range(T)])[None]
+    print(f"block_k = {bk:2d}: rel err vs one pass {rel(o_bk, o_slices):.1e}")
+    assert rel(o_bk, o_slices) < 1e-5  # the same result up to fp32 rounding
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+# solution 3
+o3 = torch.stack([merge([one_token_partial(q_abs[0, t], rows[0], idx[0, t, a:b], attn.scale, C)
+                         for a, b in ((0, 4), (4, 8), (8, 11))]) for t in range(T)])[None]
+o3_pkg = sparse_mla_fwd(q_abs, rows, idx, attn.scale, d_v=C, num_splits=3, block_k=4)
+print(f"three blocks merged by hand vs the package's 3-way split-K: rel err {rel(o3, o3_pkg):.1e}")
+assert rel(o3, o3_pkg) < 1e-5
+# a block of padding only has lse = log(0) = -inf, so its weight exp(-inf - lse) is exactly 0
+_, lse_pad = one_token_partial(q_abs[0, 2], rows[0], idx[0, 2, :4], attn.scale, C)
+assert torch.isinf(lse_pad).all() and (lse_pad < 0).all()
