@@ -43,7 +43,7 @@ browser:
 	@bash scripts/setup_browser.sh
 
 test: $(VENV)/.test browser
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests --nbmake --nbmake-timeout=180 notebooks/*.ipynb
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=20 tests --nbmake --nbmake-timeout=180 notebooks/*.ipynb
 
 # the same suite in a random order, across the workers by test (not by file): order dependencies show up here
 test-random: $(VENV)/.test browser
