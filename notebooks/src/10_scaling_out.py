@@ -153,8 +153,8 @@ K = 8
 per_layer_bytes = {}
 for name, b_disp, b_comb in (("bf16 both ways", 2, 2), ("FP8 dispatch, bf16 combine", 1, 2)):
     per_layer = per_layer_bytes[name] = K * d * (b_disp + b_comb) * (EP - 1) / EP
-    print(f"{name:28s} {per_layer / 1024:6.1f} KiB per token per MoE layer, "
-          f"{per_layer * layers_moe / 2**20:5.1f} MiB per token through all {layers_moe} MoE layers")
+    print(f"{name:28s} {per_layer / 1e3:6.1f} KB per token per MoE layer, "
+          f"{per_layer * layers_moe / 1e6:5.1f} MB per token through all {layers_moe} MoE layers")
 
 # %% [markdown]
 # The formula assumes balanced routing. An independent count, from the configuration rather than from the
@@ -174,8 +174,8 @@ def all_to_all_bytes_per_token(config, ep, bytes_dispatch, bytes_combine, n_toke
 
 
 measured_a2a = all_to_all_bytes_per_token(cfg, EP, 2, 2)
-print(f"counted on random routing: {measured_a2a / 1024:.1f} KiB per token per MoE layer (bf16 both ways); "
-      f"formula {per_layer_bytes['bf16 both ways'] / 1024:.1f} KiB")
+print(f"counted on random routing: {measured_a2a / 1e3:.1f} KB per token per MoE layer (bf16 both ways); "
+      f"formula {per_layer_bytes['bf16 both ways'] / 1e3:.1f} KB")
 checks["all-to-all bytes per token: formula vs count from the config (relative)"] = (
     abs(measured_a2a / per_layer_bytes["bf16 both ways"] - 1), 0.005)
 
@@ -229,7 +229,7 @@ print(f"DP{DP} gradient all-reduce of the {P_rest / 1e9:.1f}B replicated paramet
 
 # %% [markdown]
 # A training step's all-reduce thus sends about 153 GB from every GPU, once per optimizer step; the all-to-alls
-# cost 189 KiB per token per MoE layer, in the forward pass and again in the backward pass. **Tensor
+# cost 193.5 KB per token per MoE layer, in the forward pass and again in the backward pass. **Tensor
 # parallelism** (splitting each weight matrix across GPUs) would add an all-reduce of activations inside every
 # layer; EP and DP avoid it for the experts and attention, which is why the paper's serving setup uses them.
 #
@@ -451,8 +451,8 @@ checks["total bytes: moved for the tokens == sent by the ranks"] = (abs(sum(move
 #   each GPU holds 4 of every layer's 256 experts (1/64 of the 734B expert parameters, MTP layer included); the
 #   replicated 19.4B (attention, dense layers, embeddings) then dominate. FP8 serving needs about 31 GB of weights
 #   per GPU; training needs far more (280 GB even with ZeRO-1), hence sharding beyond DP64.
-# - Every token sends its hidden state to 8 experts and gets 8 outputs back: about 189 KiB per token per MoE
-#   layer in bf16 at EP64, 14 MiB through the whole model; a random-routing count from the configuration agrees.
+# - Every token sends its hidden state to 8 experts and gets 8 outputs back: about 193.5 KB per token per MoE
+#   layer in bf16 at EP64, 14.7 MB through the whole model; a random-routing count from the configuration agrees.
 #   A ring all-reduce sends $2(N-1)/N$ times the gradient bytes from each rank: about 153 GB per DP64 step.
 # - MLA caches 576 values per token and layer (704 with the indexer key); GQA-8 at GLM-5's head widths would
 #   cache 4096: 18.2 GB against 129.6 GB (7.1x) for one 202,752-token sequence.
@@ -472,7 +472,7 @@ for name, (err, tolerance) in checks.items():
 assert (total, active, total_mtp) == (743_911_199_232, 40_833_126_912, 753_864_119_552)  # notebook 00's numbers
 assert round(P_rest / 1e9, 1) == 19.4 and round(per_gpu / 1e9) == 31
 assert 2 * tiny.hidden_size * 4 == 256 == tiny.num_experts_per_tok * tiny.hidden_size * 8 // 2  # section 5's 256 bytes
-assert round(per_layer_bytes["bf16 both ways"] / 1024) == 189 and round(allreduce_per_step / GB) == 153
+assert round(per_layer_bytes["bf16 both ways"] / 1e3, 1) == 193.5 and round(allreduce_per_step / GB) == 153
 assert round(prefill_tokens * per_layer_bytes["bf16 both ways"] / GB, 1) == 1.6
 assert (round(mla_only / GB, 1), round(mla / GB, 1), round(gqa8 / GB, 1), round(gqa8_128 / GB, 1)) == (18.2, 22.3, 129.6, 64.8)
 assert round(gqa8 / mla_only, 1) == 7.1 and round(gqa8_128 / mla_only, 1) == 3.6
@@ -502,7 +502,7 @@ assert abs(ep32 - per_gpu - parts["routed_experts"] / 64) < 1  # the routed shar
 # solution 2
 predicted = cfg.num_experts_per_tok * cfg.hidden_size * (1 + 1) * 7 / 8
 counted = all_to_all_bytes_per_token(cfg, 8, 1, 1)
-print(f"EP8, FP8 both ways: predicted {predicted / 1024:.1f} KiB, counted {counted / 1024:.1f} KiB per token per layer")
+print(f"EP8, FP8 both ways: predicted {predicted / 1e3:.1f} KB, counted {counted / 1e3:.1f} KB per token per layer")
 assert abs(counted / predicted - 1) < 0.01
 
 # %% tags=["solution"] jupyter={"source_hidden": true}
