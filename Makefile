@@ -57,8 +57,9 @@ notebooks: $(VENV)/.test
 	$(BIN)/python scripts/nb.py --all
 
 # JupyterLab from .venv: its python3 kernel is the one the notebooks name; LAB_ARGS e.g. --no-browser --port 8899
+# (--allow-root when run as root, as in a container: JupyterLab refuses root otherwise)
 lab: $(VENV)/.runtime
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
