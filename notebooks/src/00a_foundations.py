@@ -2,7 +2,7 @@
 # # 00a · Foundations: tokens, RMSNorm, SwiGLU and RoPE
 #
 # **Prerequisites:** notebook 00 (GLM-5 at a glance: the configuration and the decoder block) and basic PyTorch
-# (tensors, `nn.Linear`, matrix products). **Reading time:** about 30 minutes (it runs in about 40 s).
+# (tensors, `nn.Linear`, matrix products). **Reading time:** about 30 minutes (it runs in about 10 s under make test, 2 cores).
 #
 # Notebook 00 drew GLM-5's decoder block as
 # $x \leftarrow x + \mathrm{Attn}(\mathrm{RMSNorm}(x))$, $x \leftarrow x + \mathrm{FFN}(\mathrm{RMSNorm}(x))$,

@@ -2,7 +2,7 @@
 # # 01 · Multi-head Latent Attention (MLA-256)
 #
 # **Prerequisites:** notebook 00 (GLM-5's configuration and its cache bytes per token), 00a (RMSNorm and RoPE).
-# **Reading time:** about 30 minutes (it runs in about 25 s).
+# **Reading time:** about 30 minutes (it runs in about 10 s under make test, 2 cores).
 #
 # Notebook 00 ended with a number: while it generates, GLM-5 keeps **576 values per token per layer** for
 # attention, where plain multi-head attention with the same heads would keep 32,768. This notebook derives

@@ -2,7 +2,7 @@
 # # 02 · DeepSeek Sparse Attention: the lightning indexer and top-k attention
 #
 # **Prerequisites:** notebook 00a (RoPE, RMSNorm), 01 (MLA: the q latent $c^Q$, the latent cache
-# $c^{KV}$ + $k^R$, the absorbed decode path). **Reading time:** about 35 minutes (it runs in about 60 s).
+# $c^{KV}$ + $k^R$, the absorbed decode path). **Reading time:** about 35 minutes (it runs in about 20 s under make test, 2 cores).
 #
 # Notebook 01 ended with the decode cost of absorbed MLA: per generated token, every head does
 # $576 + 512$ multiply-adds **per cached token**. With 64 heads that is 69,632 multiply-adds per cached token

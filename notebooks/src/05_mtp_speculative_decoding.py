@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 05 · Multi-token prediction and speculative decoding
 #
-# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, RMSNorm), notebook 01 (MLA: the latent cache), notebook 02 (DSA: the lightning indexer and top-k attention), notebook 03 (MoE router: routed and shared experts, top-k routing), notebook 04 (assembling GLM-5: the decoder layer, the LM head, the KV cache and `generate`). **Reading time:** about 30 minutes (it runs in about 40 s).
+# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, RMSNorm), notebook 01 (MLA: the latent cache), notebook 02 (DSA: the lightning indexer and top-k attention), notebook 03 (MoE router: routed and shared experts, top-k routing), notebook 04 (assembling GLM-5: the decoder layer, the LM head, the KV cache and `generate`). **Reading time:** about 30 minutes (it runs in about 60 s under make test, 2 cores).
 #
 # Notebook 04 assembled GLM-5 and generated text one token per forward pass. GLM-5 carries one extra
 # decoder layer, the **MTP layer** (multi-token prediction). In training it adds a loss that predicts tokens

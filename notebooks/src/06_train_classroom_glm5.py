@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 06 · Training a classroom GLM-5
 #
-# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, RMSNorm, SwiGLU), notebook 01 (MLA: the latent cache), notebook 02 (DSA: the lightning indexer, its KL loss and top-k attention), notebook 03 (MoE router: sigmoid gating, the balance loss and the router-bias update), notebook 04 (assembling GLM-5: the model and its checkpoint), notebook 05 (MTP: the loss over 3 depths). **Reading time:** about 30 minutes (it runs in about 60 s).
+# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, RMSNorm, SwiGLU), notebook 01 (MLA: the latent cache), notebook 02 (DSA: the lightning indexer, its KL loss and top-k attention), notebook 03 (MoE router: sigmoid gating, the balance loss and the router-bias update), notebook 04 (assembling GLM-5: the model and its checkpoint), notebook 05 (MTP: the loss over 3 depths). **Reading time:** about 30 minutes (it runs in about 50 s under make test, 2 cores).
 #
 # Notebooks 01-05 built every part of GLM-5. This one trains it: the "classroom" GLM-5 (4 layers, MLA, DSA,
 # 32 routed experts, one MTP layer; its size is printed below) on Python source code, on a CPU. What is trained,

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 07 · Muon and Muon Split
 #
-# **Prerequisites:** notebook 01 (MLA: the up-projections `q_b_proj` and `kv_b_proj`, the latent cache, GQA), notebook 06 (training the classroom model: AdamW, weight decay, validation bits per byte). **Reading time:** about 30 minutes (it runs in about 15 s).
+# **Prerequisites:** notebook 01 (MLA: the up-projections `q_b_proj` and `kv_b_proj`, the latent cache, GQA), notebook 06 (training the classroom model: AdamW, weight decay, validation bits per byte). **Reading time:** about 30 minutes (it runs in about 20 s under make test, 2 cores).
 #
 # GLM-5 trains every hidden matrix with **Muon**: the update of a weight matrix is its momentum with every
 # singular value set to one. The GLM-5 paper (section 2.1, "Multi-latent Attention", Table 1) reports that

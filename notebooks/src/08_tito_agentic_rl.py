@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 08 · Agentic RL: token-in-token-out, double-sided importance sampling, an asynchronous loop
 #
-# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, one string with several token splits), notebook 04 (assembling GLM-5: the model, its logits and `generate`), notebook 06 (training the classroom model: a training step, AdamW). **Reading time:** about 35 minutes (it runs in about 30 s).
+# **Prerequisites:** notebook 00a (foundations: the BPE tokenizer, one string with several token splits), notebook 04 (assembling GLM-5: the model, its logits and `generate`), notebook 06 (training the classroom model: a training step, AdamW). **Reading time:** about 35 minutes (it runs in about 35 s under make test, 2 cores).
 #
 # GLM-5 trains its agents with **reinforcement learning** (RL): the model, now called the *policy*
 # $\pi_\theta$, samples whole episodes (*rollouts*: its own turns interleaved with tool results), a reward

@@ -4,7 +4,7 @@
 # **Prerequisites:** notebook 00a (SwiGLU), notebook 01 (MLA: the latent cache, absorption), notebook 02 (DSA: the lightning indexer
 # and its top-k selection), notebook 03 (MoE: routed experts, the grouped expert GEMM), notebook 05 (MTP: several
 # query tokens per decode step), notebook 07 (Muon's Newton-Schulz iteration). Online softmax, the log-sum-exp
-# (lse), split-K, tiles and the roofline are defined here. **Reading time:** about 30 minutes (it runs in about 10 s).
+# (lse), split-K, tiles and the roofline are defined here. **Reading time:** about 30 minutes (it runs in about 10 s under make test, 2 cores).
 #
 # Notebooks 01 and 02 showed **what** GLM-5's attention computes: MLA caches one 576-wide row per token
 # (a 512-wide latent plus a 64-wide RoPE key), and DSA's lightning indexer picks the top-k = 2048 of those rows

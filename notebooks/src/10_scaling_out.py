@@ -5,7 +5,7 @@
 # notebook 01 (MLA: the latent cache; GQA), notebook 02 (DSA: the indexer key), notebook 03 (MoE: routed and
 # shared experts, top-k routing), notebook 05 (MTP), notebook 06 (validation bits per byte), notebook 07 (Muon),
 # notebook 08 (multi-turn agentic rollouts). Expert, data and tensor parallelism, all-to-all, all-reduce and
-# ZeRO are defined here. **Reading time:** about 30 minutes (it runs in about 15 s).
+# ZeRO are defined here. **Reading time:** about 30 minutes (it runs in about 10 s under make test, 2 cores).
 #
 # GLM-5 has 744B parameters (paper section 2.1); one H200 holds 141 GB (GB = $10^9$ bytes throughout). The paper
 # serves its RL rollouts with **EP64 and DP64 over 8 nodes** (64 GPUs, FP8; section 3.6.2) and runs over 1k

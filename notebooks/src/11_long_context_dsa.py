@@ -4,7 +4,7 @@
 # **Prerequisites:** notebook 01 (MLA), notebook 02 (DSA: the lightning indexer, its top-k selection, the
 # indexer's KL loss), notebook 06 (the training recipe: dense indexer warm-up, then sparse adaptation; bits per
 # byte; the shipped classroom-base model). Recall tasks (MQAR, NIAH), attention mass captured and the
-# multiply-add count are defined here. **Reading time:** about 25 minutes (it runs in about 60 s).
+# multiply-add count are defined here. **Reading time:** about 25 minutes (it runs in about 50 s under make test, 2 cores).
 #
 # Notebook 02 built DeepSeek Sparse Attention (DSA): a cheap **lightning indexer** scores every past key,
 # and each query attends to only its top-$k$ keys. This notebook asks whether that loses anything. GLM-5's
