@@ -6,9 +6,9 @@
 Where the files go: `scripts/nb.py` (``make notebooks``), which builds the committed notebooks, sets
 GLM5_FIGURES_DIR to the repository's figures/; anything else (nbmake under ``make test``, a reader's own run) writes
 to runs/figures/ (untracked), so running the notebooks never modifies a tracked file. The embedded image carries
-its file name in the output's metadata (``{"image/png": {"filename": ...}}``); tests/test_notebook_structure.py checks that every
-image in a committed notebook is named and equals figures/<name> byte for byte, and that every PNG in figures/
-is shown by some notebook.
+its file name in the output's metadata (``{"image/png": {"filename": ...}}``);
+tests/test_notebook_structure.py checks that every image in a committed notebook is named and equals
+figures/<name> byte for byte, and that every PNG in figures/ is shown by some notebook.
 
 PNGs are written without the matplotlib version stamp, so the same figure drawn twice gives the same bytes.
 """
