@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from nb import read_source  # noqa: E402  (scripts/nb.py: how the committed notebooks are built)
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 IDS = [p.name for p in NOTEBOOKS]
 
@@ -38,9 +41,6 @@ def _images(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_matches_its_source(path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from nb import read_source
-
     src = ROOT / "notebooks" / "src" / (path.stem + ".py")
     built = [(c["cell_type"], c["source"], c.metadata.get("tags", [])) for c in read_source(src)["cells"]]
     committed = [(c["cell_type"], _src(c), c.get("metadata", {}).get("tags", [])) for c in _cells(path)]

@@ -12,41 +12,30 @@ Written atomically (a staging folder, then a rename), in the layout pretrained.p
 
 from __future__ import annotations
 
-import os
 import copy
+import os
 from pathlib import Path
-
-import torch
 
 CHECK_N = {"reasoning": 16, "instruction": 16, "agentic": 4}
 
 
 def chat_check(model) -> dict:
-    """Greedy scores on the first CHECK_N held-out examples of each family (evaluate.eval_sets): accuracy on
-    reasoning, the constraint pass rate on instructions, the success rate of agentic episodes."""
-    from glm5_ref.apps.post_train.evaluate import EvalConfig, eval_sets
-    from glm5_ref.apps.post_train.rollout import answer_turns, run_episodes
-    from glm5_ref.apps.post_train.tasks import instruction_pass, reasoning_reward
-    from glm5_ref.apps.post_train.tools import agentic_reward, execute
+    """The evaluation matrix's greedy scores (evaluate.evaluate_policy) on the first CHECK_N held-out examples
+    of each family: reasoning accuracy, the instruction pass rate, agentic success."""
+    from glm5_ref.apps.post_train.evaluate import EvalConfig, evaluate_policy
 
-    cfg = EvalConfig(reasoning=CHECK_N["reasoning"], general=CHECK_N["instruction"], agentic=CHECK_N["agentic"])
-    sets = eval_sets(cfg)
-    model.eval()
-    r = answer_turns(model, sets["reasoning"], cfg.reasoning_tokens, temperature=0.0)
-    g = answer_turns(model, sets["general"], cfg.general_tokens, temperature=0.0)
-    eps = run_episodes(model, sets["agentic"], execute, agentic_reward, max_new_tokens=cfg.agentic_tokens,
-                       temperature=0.0, prefix="check-")
-    return {"reasoning": sum(reasoning_reward(t["example"], t["msg"]) for t in r) / len(r),
-            "instruction": sum(instruction_pass(t["example"], t["msg"]) for t in g) / len(g),
-            "agentic": sum(e["reward"] for e in eps) / len(eps), "n": dict(CHECK_N)}
+    cfg = EvalConfig(reasoning=CHECK_N["reasoning"], general=CHECK_N["instruction"], agentic=CHECK_N["agentic"],
+                     reasoning_sampled=1)
+    row = evaluate_policy(model, None, cfg)
+    return {family: row[family] for family in CHECK_N} | {"n": dict(CHECK_N)}
 
 
 def bf16_copy(model):
-    """The model as the shipped file holds it: every weight rounded to bf16 (and back, to compute in fp32)."""
+    """The model as the shipped file holds it: every floating tensor rounded to bf16 (computing in fp32)."""
+    from glm5_ref.apps.post_train.rollout import push_weights
+
     rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in rounded.parameters():
-            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    push_weights(model, rounded, bf16=True)
     return rounded
 
 
