@@ -9,7 +9,7 @@ indexer exact-zero ties that the two break differently) before anything is timed
 Rows (each a ratio ours / theirs of tokens per second, higher is better; medians of alternating repeats):
     prefill            one forward over a 2,048-token prompt (batch 1)
     decode C, batch B  greedy decoding of 32 new tokens after a C-token prompt (C = 256, 2K, 8K; B = 1, 8), the
-                       prompt's prefill not counted; ours: the absorbed path over the latent cache with DSA
+                       prompt's prefill (1,024 tokens per call on both sides) not counted; ours: the absorbed path over the latent cache with DSA
                        gathering 128 latents per query; theirs: a DynamicCache of expanded keys and values with
                        DSA applied as a dense mask
     train step         forward + backward + AdamW on 8 x 256 tokens (transformers has no MTP loss: ours without
@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 
 import torch
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.hf_io import to_transformers_layout
 from glm5_ref.model import GLM5ForCausalLM
+
+
+PREFILL_CHUNK = 1024  # prompt tokens per prefill call (an 8K prompt at batch 8 in one call needs 64 GB there)
 
 
 def models(config: GLM5Config, seed: int = 0):
@@ -52,7 +56,8 @@ def _median(xs):
 @torch.no_grad()
 def _decode_ours(model, prompt, new):
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new)
-    logits = model(prompt, cache=cache).logits[:, -1]
+    for a in range(0, prompt.shape[1], PREFILL_CHUNK):  # chunked prefill: bounded memory (not timed)
+        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache).logits[:, -1]
     t0 = time.perf_counter()
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
@@ -64,8 +69,9 @@ def _decode_ours(model, prompt, new):
 def _decode_theirs(model, prompt, new):
     import transformers
 
-    cache = transformers.DynamicCache(config=model.config)
-    out = model(prompt, past_key_values=cache, use_cache=True)
+    out = SimpleNamespace(past_key_values=transformers.DynamicCache(config=model.config))
+    for a in range(0, prompt.shape[1], PREFILL_CHUNK):  # in one call its indexer scores (B, H, T, T) in fp32
+        out = model(prompt[:, a:a + PREFILL_CHUNK], past_key_values=out.past_key_values, use_cache=True)
     logits = out.logits[:, -1]
     t0 = time.perf_counter()
     for _ in range(new):
