@@ -9,9 +9,9 @@ indexer exact-zero ties that the two break differently) before anything is timed
 Rows (each a ratio ours / theirs of tokens per second, higher is better; medians of alternating repeats):
     prefill            one forward over a 2,048-token prompt (batch 1)
     decode C, batch B  greedy decoding of 32 new tokens after a C-token prompt (C = 256, 2K, 8K; B = 1, 8), the
-                       prompt's prefill (1,024 tokens per call on both sides) not counted; ours: the absorbed path over the latent cache with DSA
-                       gathering 128 latents per query; theirs: a DynamicCache of expanded keys and values with
-                       DSA applied as a dense mask
+                       prompt's prefill (1,024 tokens per call on both sides) not counted; ours: the absorbed path
+                       over the latent cache with DSA gathering 128 latents per query; theirs: a DynamicCache of
+                       expanded keys and values with DSA applied as a dense mask
     train step         forward + backward + AdamW on 8 x 256 tokens (transformers has no MTP loss: ours without
                        MTP too), fp32
     memory bound       decode tokens/s against the machine's limit: measured copy bandwidth / active bytes per
