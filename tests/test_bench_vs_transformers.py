@@ -1,5 +1,6 @@
-"""bench vs-transformers in quick form: the two models agree before anything is timed, every row is a positive ratio,
-and the prompt prefill runs in chunks on both sides (an 8K prompt at batch 8 in one call needs 64 GB in transformers)."""
+"""bench vs-transformers in quick form: the two models agree before anything is timed, every row is a positive
+ratio, and the prompt prefill runs in chunks on both sides (an 8K prompt at batch 8 in one call needs 64 GB in
+transformers)."""
 
 import pytest
 
