@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -69,15 +68,13 @@ def _decode_ours(model, prompt, new):
 def _decode_theirs(model, prompt, new):
     import transformers
 
-    out = SimpleNamespace(past_key_values=transformers.DynamicCache(config=model.config))
+    cache = transformers.DynamicCache(config=model.config)  # filled in place by every call
     for a in range(0, prompt.shape[1], PREFILL_CHUNK):  # in one call its indexer scores (B, H, T, T) in fp32
-        out = model(prompt[:, a:a + PREFILL_CHUNK], past_key_values=out.past_key_values, use_cache=True)
-    logits = out.logits[:, -1]
+        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache, use_cache=True).logits[:, -1]
     t0 = time.perf_counter()
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
-        logits = out.logits[:, -1]
+        logits = model(token, cache=cache, use_cache=True).logits[:, -1]
     return time.perf_counter() - t0
 
 
