@@ -55,8 +55,8 @@ def _median(xs):
 @torch.no_grad()
 def _decode_ours(model, prompt, new):
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new)
-    for a in range(0, prompt.shape[1], PREFILL_CHUNK):  # chunked prefill: bounded memory (not timed)
-        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache).logits[:, -1]
+    for chunk in prompt.split(PREFILL_CHUNK, dim=1):  # chunked prefill: bounded memory (not timed)
+        logits = model(chunk, cache=cache).logits[:, -1]
     t0 = time.perf_counter()
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
@@ -69,8 +69,8 @@ def _decode_theirs(model, prompt, new):
     import transformers
 
     cache = transformers.DynamicCache(config=model.config)  # filled in place by every call
-    for a in range(0, prompt.shape[1], PREFILL_CHUNK):  # in one call its indexer scores (B, H, T, T) in fp32
-        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache, use_cache=True).logits[:, -1]
+    for chunk in prompt.split(PREFILL_CHUNK, dim=1):  # in one call its indexer scores (B, H, T, T) in fp32
+        logits = model(chunk, cache=cache, use_cache=True).logits[:, -1]
     t0 = time.perf_counter()
     for _ in range(new):
         token = logits.argmax(-1, keepdim=True)
