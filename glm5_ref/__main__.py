@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p_rec.add_argument("--out", default=None, help="the run folder (default runs/recipe-base[-quick])")
     p_rec.add_argument("--resume", action="store_true", help="continue an interrupted run at its stage")
     p_rec.add_argument("--dest", default=None, help="ship: where to write the checkpoint (default: the shipped one)")
+    p_rec.add_argument("--cpu-bf16", action="store_true",
+                       help="base: train under bf16 autocast on the CPU (faster on CPUs with AMX / AVX512-BF16)")
     _add_device_option(p_rec, "base: the stages train")
     p_post = sub.add_parser("post-train", help="GLM-5's post-training at classroom scale, and shipping the chat model")
     p_post.add_argument("--quick", action="store_true", help="the tiny config, a few steps per stage (CI)")
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.what == "base":
                 from glm5_ref.apps.recipe import run_recipe
 
-                run_recipe(quick=args.quick, out_dir=args.out, resume=args.resume, device=args.device)
+                run_recipe(quick=args.quick, out_dir=args.out, resume=args.resume, device=args.device,
+                           cpu_bf16=args.cpu_bf16)
             else:
                 from glm5_ref.apps.model_card import ship
 

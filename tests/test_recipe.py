@@ -10,7 +10,7 @@ import torch
 from glm5_ref.apps import recipe
 from glm5_ref.apps.model_card import ship
 from glm5_ref.pretrained import load_pretrained
-from glm5_ref.training.checkpoint import read_trainer_state
+from glm5_ref.training.checkpoint import read_log, read_trainer_state
 from glm5_ref.training.data import Split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,6 +43,9 @@ def test_quick_recipe_runs_every_stage_resumes_and_ships(tmp_path):
     assert all(s["finished"] for s in states)
     assert states[-1]["attention"] == "sparse" and states[1]["attention"] == "dense"
     assert states[1]["args"]["init_from"].startswith(str(out / "01_pretrain"))  # each stage starts from the last
+    assert all(s["args"]["repeat_fraction"] == st.repeat > 0 for s, st in zip(states, recipe.QUICK))  # copy data
+    evals = [r for r in read_log(recipe.stage_dir(out, 0, recipe.QUICK[0])) if r["kind"] == "eval"]
+    assert len(evals) >= 2 and all(r["copy_repeat"] > 0 and r["copy_first"] > 0 for r in evals)  # the probe, logged
     with pytest.raises(ValueError, match="--resume"):
         recipe.run_recipe(quick=True, out_dir=out, progress=False)
     again = recipe.run_recipe(quick=True, out_dir=out, resume=True, progress=False)  # everything finished: skipped
@@ -51,6 +54,7 @@ def test_quick_recipe_runs_every_stage_resumes_and_ships(tmp_path):
     model, _ = load_pretrained(directory=tmp_path / "shipped")
     assert model.execution.sparse and json.loads((tmp_path / "shipped" / "metrics.json").read_text()) == metrics
     assert metrics["speculative"]["identical"] and set(metrics["completions"]) and metrics["sha256"]
+    assert metrics["copy_probe"]["spans"] == 8 and metrics["check_copy"]["repeat"] > 0
 
 
 def test_shipping_needs_a_finished_recipe(tmp_path):

@@ -164,6 +164,9 @@ def test_bad_input_raises_clear_errors(tmp_path):
         tr.train("tiny", tmp_path / "a", **RUN)
     with pytest.raises(ValueError, match="optimizer"):
         tr.train("tiny", tmp_path / "a", steps=1, optimizer="sgd", **RUN)
+    for bad in (dict(repeat_fraction=1.5), dict(copy_probe=-1), dict(cpu_bf16="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tr.train("tiny", tmp_path / "a", steps=1, **bad, **RUN)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a checkpoint"):
         tr.load_model(tmp_path / "empty")
@@ -173,6 +176,26 @@ def test_bad_input_raises_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="different config"):
         tr.train(dataclasses.replace(tr.resolve_config("tiny"), num_hidden_layers=3), tmp_path / "done", steps=2,
                  resume=True, **RUN)
+
+
+def test_copy_data_and_probe_and_cpu_bf16_resume_exactly(tmp_path):
+    """A run with repeated spans, the copy probe at every evaluation and bf16 autocast on the CPU: the probe is in
+    the log, and an interrupted run resumes to the same weights as an uninterrupted one."""
+    opts = dict(RUN, repeat_fraction=0.5, copy_probe=4, cpu_bf16=True)
+    whole = tr.train("tiny", tmp_path / "whole", steps=4, **opts)
+    evals = [r for r in whole.log if r["kind"] == "eval"]
+    assert evals and all(r["copy_first"] > 0 and r["copy_repeat"] > 0 for r in evals)
+    def stop_at_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.train("tiny", tmp_path / "split", steps=4, callback=stop_at_2, **opts)
+    tr.train("tiny", tmp_path / "split", steps=4, resume=True, **opts)
+    a, b = tr.load_model(tmp_path / "whole"), tr.load_model(tmp_path / "split")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    fp32 = tr.load_model(tr.train("tiny", tmp_path / "fp32", steps=4, **dict(opts, cpu_bf16=False)).checkpoint)
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), fp32.state_dict().values()))
 
 
 def test_log_and_trainer_state_are_readable(tmp_path):

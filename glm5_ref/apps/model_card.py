@@ -16,8 +16,12 @@ anything), with the shipped bf16 weights loaded in fp32:
                             by depth, and the speed-up over plain cached greedy decoding timed back to back
                             (alternating order), with the check that both emit the same ids
     completions             greedy completions of the demo's prompts
-    check_bpb               bits per byte on the first 4 validation windows of 128 tokens: what the test of the
-                            shipped checkpoint (tests/test_pretrained.py) recomputes, to 0.01
+    copy probe              nats per token on 64 held-out spans of 96 tokens and on their repeat right after
+                            (training/synthetic.py): whether the model copies from its context, which every
+                            post-training task needs (the first shipped model did not: 3.67 vs 3.55)
+    check_bpb, check_copy   bits per byte on the first 4 validation windows of 128 tokens, and the copy probe on
+                            8 validation spans of 64: what the test of the shipped checkpoint
+                            (tests/test_pretrained.py) recomputes, to 0.01 and 0.02
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from glm5_ref.tokenizer import encode
 from glm5_ref.training.checkpoint import find_checkpoint, read_trainer_state
 from glm5_ref.training.data import build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.training.run import load_model
+from glm5_ref.training.synthetic import copy_probe
 
 
 CHECK_LEN = 128  # the check windows' length: what tests/test_pretrained.py recomputes
+CHECK_COPY = dict(n=8, span=64)  # the copy probe it recomputes (on the validation stream)
 
 
 def held_out_prompts(n: int, length: int = 96) -> list[torch.Tensor]:
@@ -83,6 +89,8 @@ def measure(final_dir, dense_dir, quick: bool = False) -> dict:
            "test_bpb_256": bpb(model, eval_windows(pre.test.ids, short, n)),
            "test_bpb_beyond_256": bpb(model, w512[0], score_from=short),
            "check_bpb": bpb(model, eval_windows(pre.val.ids, CHECK_LEN, 4)),
+           "copy_probe": copy_probe(model, pre.test.ids, n=8 if quick else 64, span=min(96, short)),
+           "check_copy": copy_probe(model, pre.val.ids, **CHECK_COPY),
            "dsa_vs_dense": {"context": L, "dsa_bpb": bpb(model, w1k, sparse=True),
                             "same_model_dense_bpb": bpb(model, w1k, sparse=False),
                             "before_dsa_dense_bpb": bpb(dense, w1k, sparse=False)}}
@@ -112,7 +120,7 @@ def _markdown(m: dict) -> str:
     rows = "\n".join(f"| {s['name']} | {s['seq_len']} | {s['batch_size']} | {s['steps']} | {s['tokens']:,} | "
                      f"{s['dsa_stage']} | {s['optimizer']} {s['lr']:g} | {s['train_s'] / 60:.1f} | "
                      f"{s['final_eval'].get('val_bpb', float('nan')):.3f} |" for s in m["recipe"]["stages"])
-    d, sp = m["dsa_vs_dense"], m["speculative"]
+    d, sp, cp = m["dsa_vs_dense"], m["speculative"], m["copy_probe"]
     comp = "\n\n".join(f"```python\n{p}{c}\n```" for p, c in m["completions"].items())
     return f"""# classroom-base: a classroom GLM-5 trained by GLM-5's own recipe
 
@@ -138,6 +146,7 @@ stages read the long stream (related files packed together, long documents twice
 | test bits/byte (512-token windows, its own sparse attention) | **{m['test_bpb']:.3f}** (validation {m['val_bpb']:.3f}) |
 | test bits/byte at the pre-training context (256-token windows) | **{m['test_bpb_256']:.3f}** |
 | test bits/byte of the tokens after the first 256 of each 512-token window | {m['test_bpb_beyond_256']:.3f} (mid-training's 1K context is learned from {m['recipe']['stages'][1]['tokens']:,} tokens only) |
+| copy probe: nats per token on {cp['spans']} held-out spans of {cp['span_tokens']} tokens, then on their repeat | first **{cp['first']:.2f}**, repeat **{cp['repeat']:.2f}** |
 | DSA vs dense at {d['context']} tokens | DSA {d['dsa_bpb']:.3f}, the same model dense {d['same_model_dense_bpb']:.3f}, before DSA (dense) {d['before_dsa_dense_bpb']:.3f}: gap {d['gap']:+.3f} |
 | speculative decoding, 3 MTP drafts, greedy ({sp['prompts']} prompts x {sp['new_tokens']} tokens) | accept length **{sp['accept_length']:.2f}**, acceptance by depth {', '.join('-' if a is None else f'{a:.2f}' for a in sp['acceptance_by_depth'])}; **{sp['speedup']:.2f}x** plain cached decoding ({sp['spec_tok_s']:.0f} vs {sp['plain_tok_s']:.0f} tokens/s, {sp['threads']} threads); identical ids: {sp['identical']} |
 

@@ -19,11 +19,19 @@ every document of 2,048 tokens or more twice. A window of 1,024 tokens that span
 holds long-range dependencies the short windows never see: the test calls functions defined far back (the
 "interleaved packing of similar documents" of the paper's mid-training data, section 2.3, at file scale).
 
+Copy data in every stage (training/synthetic.py): a quarter of the rows carry a span of the corpus written
+twice (16 tokens up to half the window, at random places), and every evaluation logs the copy probe. The first
+shipped base, trained without it, never learned to copy from its context (its loss on a repeated span was no
+lower than on the first occurrence), which every post-training task needs; at 5-6M tokens natural code alone
+does not make the mechanism form. GLM-5's mid-training mixes synthetic long-range data (section 2.3); here it
+starts with pre-training.
+
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
 recipe is the same on a busy or an idle machine (only the wall time differs). OUT/recipe.json records the stages,
-their tokens, wall time and final validation numbers. ``--quick`` runs the same stages on the tiny config for a
-few steps (CI). ``ship`` (python -m glm5_ref recipe ship) exports the final stage to the shipped layout
+their tokens, wall time and final validation numbers. ``--cpu-bf16`` trains under bf16 autocast on the CPU
+(RunOptions.cpu_bf16: about 1.3x less CPU per step where the CPU has AMX / AVX512-BF16). ``--quick`` runs the
+same stages on the tiny config for a few steps (CI). ``ship`` (python -m glm5_ref recipe ship) exports the final stage to the shipped layout
 (glm5_ref/assets/checkpoints/classroom-base/, apps/model_card.py measures and writes the card).
 
 Choices where the paper is silent or does not fit a CPU: the lengths (256 and 1,024 instead of 4K and 32K-200K);
@@ -71,6 +79,7 @@ class Stage:
     optimizer: str = "muon_split"
     warmup: float = 0.03
     min_lr_ratio: float = 0.1
+    repeat: float = 0.25      # rows with a span written twice (training/synthetic.py: the copy data)
 
 
 FULL = (
@@ -124,10 +133,11 @@ def stage_dir(out: Path, i: int, stage: Stage) -> Path:
 
 
 def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, resume: bool = False,
-               progress: bool = True, config: GLM5Config | None = None, device: str | None = None) -> dict:
+               progress: bool = True, config: GLM5Config | None = None, device: str | None = None,
+               cpu_bf16: bool = False) -> dict:
     """Run (or resume) every stage; returns the summary written to OUT/recipe.json. ``device``: where every
-    stage trains (training.run's device option: None = the CPU, whose fp32 numbers the shipped model has;
-    "auto", "cuda", "mps": bf16 autocast there, different numbers)."""
+    stage trains (training.run's device option: None = the CPU; "auto", "cuda", "mps": bf16 autocast there).
+    ``cpu_bf16``: the CPU's training steps under bf16 autocast too (RunOptions.cpu_bf16; the shipped run's)."""
     out = Path(out_dir) if out_dir is not None else (DEFAULT_OUT.with_name("recipe-base-quick") if quick else DEFAULT_OUT)
     stages = QUICK if quick else FULL
     cfg = config if config is not None else resolve_config("tiny" if quick else "classroom")
@@ -138,7 +148,7 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
     pre = build_splits(corpus="pretrain")
     data = {"short": pre, "long": CorpusSplits(long_stream(pre.train), pre.val, pre.test)}
     summary = {"recipe": "base", "quick": quick, "config": cfg.name, "stages": [], "started": time.time(),
-               "device": str(resolve_device(device or "cpu"))}
+               "device": str(resolve_device(device or "cpu")), "cpu_bf16": cpu_bf16}
     previous = None
     for i, st in enumerate(stages):
         folder = stage_dir(out, i, st)
@@ -153,7 +163,7 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                   num_evals=4, eval_windows_n=8 if quick else 48, eval_batch_size=8,
                   init_from=None if previous is None else os.fspath(previous), resume=bool(info),
                   overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0,
-                  device=device)
+                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16)
             info = read_trainer_state(folder)
         summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
                                   "final_eval": info.get("last_eval", {}), "checkpoint": os.fspath(folder)})

@@ -16,6 +16,9 @@ Options (``RunOptions`` in options.py; every field is a keyword argument of ``tr
     mtp_start         train MTP only from this fraction of the run on (0: throughout, as GLM-5 does).
     num_evals         evaluations spread over the run, plus one at the start and one at the end, on
                       ``eval_windows_n`` fixed validation windows.
+    repeat_fraction   rows of each batch that carry a span written twice (training/synthetic.py, copy data);
+    copy_probe        spans of the copy probe logged with every evaluation (copy_first, copy_repeat; one process)
+    cpu_bf16          the CPU's steps under bf16 autocast (evaluations stay fp32)
     device            "cpu" (None, the default), "cuda", "mps" or "auto" (glm5_ref/devices.py): the model,
                       every batch and evaluation window there, forwards under bf16 autocast on CUDA / MPS;
                       checkpoints hold CPU tensors, so a run resumes on another device (not bit-identically).
@@ -37,6 +40,7 @@ autocast needs no loss scaling), bf16 weights or optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -54,6 +58,7 @@ from glm5_ref.training.checkpoint import (CHECKPOINT, STATE_FILE, RunLog, find_c
                                           read_trainer_state, save_checkpoint)
 from glm5_ref.training.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.training.engine import Trainer, set_dsa_stage
+from glm5_ref.training.synthetic import RepeatMixSampler, copy_probe
 from glm5_ref.training.options import (RunOptions, matched_dense_config, parse_dsa_schedule,  # noqa: F401
                                        resolve_config, stage_at)
 
@@ -153,7 +158,11 @@ class ClassroomRun:
         self.device = run_device(opts.device, self.dp)
         has_ckpt = self._prepare_dir(resume, overwrite)
         splits = splits if splits is not None else build_splits()
-        self.sampler = BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed)
+        self.sampler = (RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
+                                         fraction=opts.repeat_fraction, min_span=min(16, (opts.seq_len + 1) // 2))
+                        if opts.repeat_fraction > 0 else
+                        BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed))
+        self.val_ids = splits.val.ids
         self.val = eval_windows(splits.val.ids, opts.seq_len, opts.eval_windows_n)  # (W, T + 1), always the same
         self.byte_lengths = token_byte_lengths(config.vocab_size)
         self.state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "evals_done": 0, "indexer_trained": False}
@@ -263,6 +272,11 @@ class ClassroomRun:
         record = {"kind": "eval", "step": s["step"], "tokens": s["tokens"], "elapsed_s": round(self.elapsed(), 3),
                   "val_loss": result["loss"], "val_bpb": result["bpb"], "stage": self.stage,
                   "expert_load": self.load_acc.tolist()}
+        if self.opts.copy_probe and self.dp is None:  # one process (a probe on rank 0 alone would stall DP)
+            with autocast(self.device):
+                probe = copy_probe(self.model, self.val_ids, n=self.opts.copy_probe,
+                                   span=min(64, (self.opts.seq_len + 1) // 2))
+            record["copy_first"], record["copy_repeat"] = probe["first"], probe["repeat"]
         self.load_acc = torch.zeros_like(self.load_acc)
         self.log.append(record)
         return record
@@ -298,7 +312,9 @@ class ClassroomRun:
         kwargs = {} if depths is None else {"mtp_depths": depths}
         t0 = time.perf_counter()
         try:
-            out, loss, grad_norm, lr = self.trainer.step(self.sampler.next(), stage, **kwargs)
+            with (torch.autocast("cpu", dtype=torch.bfloat16) if self.opts.cpu_bf16 and self.device.type == "cpu"
+                  else contextlib.nullcontext()):
+                out, loss, grad_norm, lr = self.trainer.step(self.sampler.next(), stage, **kwargs)
         except FloatingPointError as e:
             raise FloatingPointError(f"step {self.state['step'] + 1}: {e} (lr {self.trainer.lr:.3g}); the last "
                                      f"checkpoint is in {os.fspath(self.out_dir)}") from None
