@@ -54,6 +54,27 @@ def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float
     return times[len(times) // 2]
 
 
+def serving_batch(bytes_per_sequence: int, quick: bool = False, cap: int = 64) -> int:
+    """The serving batch of the decode benchmarks: the most sequences whose caches fit the cache budget (12 GiB,
+    half of this 24 GB machine, or half the memory available where that is less; 512 MiB in quick mode), at least 1
+    and at most ``cap`` (beyond a few dozen sequences the layer's weight reads are already shared and a step
+    only takes longer)."""
+    budget = 512 * 2**20 if quick else min(12 * 2**30, available_memory() // 2)
+    return max(1, min(cap, budget // max(int(bytes_per_sequence), 1)))
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (Linux); 8 GiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of a list of flat dicts."""
     if not rows:

@@ -1,8 +1,8 @@
 """One MLA decode step at GLM-5 layer size: the absorbed path over the latent cache against the expanded path
 over a per-head K/V cache.
 
-Both steps take the hidden state of one new token (batch 1, fp32, CPU), project it, attend over a context of
-L cached tokens plus itself, and return the layer output. They differ in what was cached:
+Both steps take the hidden state of one new token per sequence (fp32, CPU), project it, attend over a context
+of L cached tokens plus itself, and return the layer output. They differ in what was cached:
 
     expanded   K (H, L, 256) = [k_nope; k_rope] and V (H, L, 256) per head, the way a plain attention caches
                (2 * 64 * 256 = 32768 values per token); the step only projects the new token and attends.
@@ -17,6 +17,10 @@ fixed cost that bounds the whole-step ratio (Amdahl); the attn_* columns time th
 turns so that all see the same load on a shared machine. Both outputs are compared (``rel_diff``) so that
 the timing is of two computations of the same thing.
 
+Two batches per context: 1, where every step re-reads the layer's weights for one token, and the serving batch
+(bench.serving_batch: the most sequences whose two caches fit 12 GiB, at most 64), the case MLA is built for:
+the weight reads are shared by the batch and the cache reads, 57x apart, decide the step.
+
 Columns: ms per step (median), ratio = expanded / absorbed, bytes read per step = cache + weights touched.
 """
 
@@ -26,7 +30,7 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from glm5_ref.apps.bench import timeit
+from glm5_ref.apps.bench import serving_batch, timeit
 from glm5_ref.config import GLM5Config
 from glm5_ref.mla import MLA, MLACache, attention_core
 
@@ -85,7 +89,6 @@ def interleaved_medians(fns: list, repeats: int) -> list[float]:
 def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> list[dict]:
     config = GLM5Config.glm5()
     contexts = (512, 1024) if quick else (4096, 16384)
-    repeats = 3 if quick else 9
     torch.manual_seed(0)
     rows = []
     with torch.no_grad():
@@ -93,37 +96,41 @@ def run(quick: bool = False, device: torch.device = torch.device("cpu")) -> list
         weight_bytes = sum(p.numel() * p.element_size() for p in mla.parameters())
         H, E, V = mla.num_heads, mla.nope_dim + mla.rope_dim, mla.v_dim
         for L in tqdm(contexts, desc="mla-decode", leave=False):
-            cache = MLACache.for_config(config, batch_size=1, max_len=L + 1, device=device)
-            # a context of L tokens: random normed latents and roped keys stand in for a real prefix
-            cache.append(mla.kv_a_layernorm(torch.randn(1, L, config.kv_lora_rank, device=device)),
-                         torch.randn(1, L, config.qk_rope_head_dim, device=device), start_pos=0)
-            expanded = ExpandedKVCache(mla, cache, max_len=L + 1)
-            x = torch.randn(1, 1, config.hidden_size, device=device)
-
-            def absorbed_step() -> torch.Tensor:
-                out = mla(x, cache=cache, absorbed=True)  # appends at slot L ...
-                cache.truncate(L)  # ... and forgets it, so every repeat sees the same context
-                return out
-
-            rel_diff = float((absorbed_step() - expanded.step(mla, x)).norm() / expanded.step(mla, x).norm())
-            # the cache-reading part alone (no projections): what the cache layout changes
-            pos = torch.tensor([L], device=device)
-            q_nope, q_rope = mla.project_q(mla.q_latent(x), pos)  # (1, 1, H, N), (1, 1, H, P)
-            prefix = (cache.latent[:, :L + 1], cache.k_rope[:, :L + 1])  # slot L holds a stale token: same cost
-            expanded_ms, absorbed_ms, attn_expanded_ms, attn_absorbed_ms = interleaved_medians([
-                lambda: expanded.step(mla, x), absorbed_step,
-                lambda: expanded.attend(mla, torch.cat([q_nope, q_rope], -1)),
-                lambda: mla.attend_absorbed(q_nope, q_rope, *prefix, pos, None)[0]], repeats)
             S = L + 1
-            rows.append({
-                "name": "mla-decode", "context": L,
-                "expanded_ms": expanded_ms, "absorbed_ms": absorbed_ms, "ratio": expanded_ms / absorbed_ms,
-                "attn_expanded_ms": attn_expanded_ms, "attn_absorbed_ms": attn_absorbed_ms,
-                "attn_ratio": attn_expanded_ms / attn_absorbed_ms,
-                "expanded_bytes": S * H * (E + V) * 4 + weight_bytes,  # cache read + weights touched
-                "absorbed_bytes": S * config.kv_cache_values_per_token(include_indexer=False) * 4 + weight_bytes,
-                "weight_bytes": weight_bytes,
-                "rel_diff": rel_diff,
-            })
-            del expanded, cache
+            per_seq = S * (H * (E + V) + config.kv_cache_values_per_token(include_indexer=False)) * 4  # both caches
+            for B in sorted({1, serving_batch(per_seq, quick)}):
+                rows.append(measure(mla, config, L, B, 3 if quick else 9 if B == 1 else 5, device) | {
+                    "expanded_bytes": B * S * H * (E + V) * 4 + weight_bytes,  # cache read + weights touched
+                    "absorbed_bytes": B * S * config.kv_cache_values_per_token(include_indexer=False) * 4
+                    + weight_bytes, "weight_bytes": weight_bytes})
     return rows
+
+
+def measure(mla: MLA, config: GLM5Config, L: int, B: int, repeats: int, device) -> dict:
+    """One row: a decode step of B sequences over L cached tokens each, both paths (module docstring)."""
+    cache = MLACache.for_config(config, batch_size=B, max_len=L + 1, device=device)
+    # a context of L tokens: random normed latents and roped keys stand in for a real prefix
+    cache.append(mla.kv_a_layernorm(torch.randn(B, L, config.kv_lora_rank, device=device)),
+                 torch.randn(B, L, config.qk_rope_head_dim, device=device), start_pos=0)
+    expanded = ExpandedKVCache(mla, cache, max_len=L + 1)
+    x = torch.randn(B, 1, config.hidden_size, device=device)
+
+    def absorbed_step() -> torch.Tensor:
+        out = mla(x, cache=cache, absorbed=True)  # appends at slot L ...
+        cache.truncate(L)  # ... and forgets it, so every repeat sees the same context
+        return out
+
+    reference = expanded.step(mla, x)
+    rel_diff = float((absorbed_step() - reference).norm() / reference.norm())
+    # the cache-reading part alone (no projections): what the cache layout changes
+    pos = torch.tensor([L], device=device)
+    q_nope, q_rope = mla.project_q(mla.q_latent(x), pos)  # (B, 1, H, N), (B, 1, H, P)
+    prefix = (cache.latent[:, :L + 1], cache.k_rope[:, :L + 1])  # slot L holds a stale token: same cost
+    expanded_ms, absorbed_ms, attn_expanded_ms, attn_absorbed_ms = interleaved_medians([
+        lambda: expanded.step(mla, x), absorbed_step,
+        lambda: expanded.attend(mla, torch.cat([q_nope, q_rope], -1)),
+        lambda: mla.attend_absorbed(q_nope, q_rope, *prefix, pos, None)[0]], repeats)
+    return {"name": "mla-decode", "context": L, "batch": B,
+            "expanded_ms": expanded_ms, "absorbed_ms": absorbed_ms, "ratio": expanded_ms / absorbed_ms,
+            "attn_expanded_ms": attn_expanded_ms, "attn_absorbed_ms": attn_absorbed_ms,
+            "attn_ratio": attn_expanded_ms / attn_absorbed_ms, "rel_diff": rel_diff}
