@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from glm5_ref.training.data import BatchSampler
-from glm5_ref.training.synthetic import RepeatMixSampler, copy_probe, probe_windows
+from glm5_ref.training.synthetic import RandomCopySampler, RepeatMixSampler, copy_probe, probe_windows
 
 
 def stream(n=5000, seed=0):
@@ -99,3 +99,25 @@ def test_copy_probe_separates_a_copier_from_a_model_that_cannot_copy():
     copier, uniform = copy_probe(Copier(), ids, n=4, span=24), copy_probe(Uniform(), ids, n=4, span=24)
     assert copier["repeat"] < 1e-6 and copier["first"] == pytest.approx(8.294, abs=1e-3)  # ln 4000
     assert uniform["repeat"] == pytest.approx(uniform["first"]) == pytest.approx(8.294, abs=1e-3)
+
+
+def test_random_copy_rows_are_a_random_span_twice_and_resume_exactly():
+    s = RandomCopySampler(4, 15, seed=2, vocab=50)
+    b = s.next()
+    assert b.shape == (4, 16) and torch.equal(b[:, :8], b[:, 8:]) and int(b.max()) < 50
+    assert len({tuple(r.tolist()) for r in b}) == 4  # every row its own span
+    state = s.state_dict()
+    expected = s.next()
+    t = RandomCopySampler(4, 15, seed=0, vocab=50)
+    t.load_state_dict(state)
+    assert torch.equal(t.next(), expected)
+    odd = RandomCopySampler(2, 16, seed=0).next()  # 17 tokens: a 9-token span, then its first 8 again
+    assert odd.shape == (2, 17) and torch.equal(odd[:, :8], odd[:, 9:]) and int(odd.max()) < 4088
+
+
+def test_a_run_on_the_copy_task_trains_and_logs_the_probe(tmp_path):
+    from glm5_ref.training.run import train
+
+    result = train("tiny", tmp_path / "copy", steps=3, batch_size=2, seq_len=15, num_evals=1, eval_windows_n=2,
+                   progress=False, checkpoint_minutes=0, random_copy=True, copy_probe=2)
+    assert result.step == 3 and all(r["copy_repeat"] > 0 for r in result.log if r["kind"] == "eval")

@@ -24,15 +24,20 @@ twice (16 tokens up to half the window, at random places), and every evaluation 
 shipped base, trained without it, never learned to copy from its context (its loss on a repeated span was no
 lower than on the first occurrence), which every post-training task needs; at 5-6M tokens natural code alone
 does not make the mechanism form. GLM-5's mid-training mixes synthetic long-range data (section 2.3); here it
-starts with pre-training.
+starts with pre-training. Measured 2026-12-02: with a quarter of the rows carrying copies, the recipe's own
+pre-training still showed no copying by step 600 (probe 4.21 first / 4.17 repeat), and on the pure copy task
+(training/synthetic.py, RandomCopySampler) the classroom model starts copying only after ~1,600 steps of 16 x 32
+tokens (a plain GPT of the same width: ~550, ~800 with RoPE). A stage with ``data="copy"`` trains on that task;
+the next full run is to start with such a warm-up, once a pilot shows the copying carries over to code.
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
 recipe is the same on a busy or an idle machine (only the wall time differs). OUT/recipe.json records the stages,
 their tokens, wall time and final validation numbers. ``--cpu-bf16`` trains under bf16 autocast on the CPU
 (RunOptions.cpu_bf16: about 1.3x less CPU per step where the CPU has AMX / AVX512-BF16). ``--quick`` runs the
-same stages on the tiny config for a few steps (CI). ``ship`` (python -m glm5_ref recipe ship) exports the final stage to the shipped layout
-(glm5_ref/assets/checkpoints/classroom-base/, apps/model_card.py measures and writes the card).
+same stages on the tiny config for a few steps (CI). ``ship`` (python -m glm5_ref recipe ship) exports the final
+stage to the shipped layout (glm5_ref/assets/checkpoints/classroom-base/, apps/model_card.py measures and writes
+the card).
 
 Choices where the paper is silent or does not fit a CPU: the lengths (256 and 1,024 instead of 4K and 32K-200K);
 the token budgets (set by a two-hour CPU budget: a classroom step with MTP x3 costs ~2.3 s for 2,048 tokens on 2
@@ -75,7 +80,8 @@ class Stage:
     steps: int
     lr: float
     dsa_stage: str            # "dense", "warmup" or "sparse" (training.engine.set_dsa_stage)
-    data: str                 # "short": the pretraining corpus as it is; "long": long_stream()
+    data: str                 # "short": the pretraining corpus as it is; "long": long_stream(); "copy": the pure
+                              # copy task (synthetic.RandomCopySampler; validation on the corpus)
     optimizer: str = "muon_split"
     warmup: float = 0.03
     min_lr_ratio: float = 0.1
@@ -146,7 +152,7 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                          "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     pre = build_splits(corpus="pretrain")
-    data = {"short": pre, "long": CorpusSplits(long_stream(pre.train), pre.val, pre.test)}
+    data = {"short": pre, "long": CorpusSplits(long_stream(pre.train), pre.val, pre.test), "copy": pre}
     summary = {"recipe": "base", "quick": quick, "config": cfg.name, "stages": [], "started": time.time(),
                "device": str(resolve_device(device or "cpu")), "cpu_bf16": cpu_bf16}
     previous = None
@@ -163,7 +169,8 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                   num_evals=4, eval_windows_n=8 if quick else 48, eval_batch_size=8,
                   init_from=None if previous is None else os.fspath(previous), resume=bool(info),
                   overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0,
-                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16)
+                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16,
+                  random_copy=st.data == "copy")
             info = read_trainer_state(folder)
         summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
                                   "final_eval": info.get("last_eval", {}), "checkpoint": os.fspath(folder)})

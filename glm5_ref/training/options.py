@@ -91,6 +91,7 @@ class RunOptions:
     seed: int = 0
     init_from: str | None = None      # start from this checkpoint's weights (fresh optimizer, schedule, data order)
     repeat_fraction: float = 0.0      # rows that carry a span written twice (synthetic.RepeatMixSampler; 0: none)
+    random_copy: bool = False         # train on the pure copy task instead (synthetic.RandomCopySampler)
     copy_probe: int = 0               # spans of the copy probe at every evaluation (synthetic.copy_probe; 0: none)
     # where one process trains (devices.resolve_device: "auto", "cpu", "cuda", "mps"; bf16 autocast on GPUs).
     # None = the CPU, or under data parallelism the rank's own device. Not "auto" by default: the CPU gives the
@@ -129,8 +130,9 @@ class RunOptions:
                              f"{self.repeat_fraction!r}")
         if isinstance(self.copy_probe, bool) or not isinstance(self.copy_probe, int) or self.copy_probe < 0:
             raise ValueError(f"copy_probe: expected a number of spans >= 0, got {self.copy_probe!r}")
-        if not isinstance(self.cpu_bf16, bool):
-            raise ValueError(f"cpu_bf16: expected True or False, got {self.cpu_bf16!r}")
+        for name in ("cpu_bf16", "random_copy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if not 0 <= self.mtp_start <= 1:
             raise ValueError(f"mtp_start: expected a fraction of the run in [0, 1], got {self.mtp_start!r}")
         parse_dsa_schedule(self.dsa_stage)

@@ -17,6 +17,7 @@ Options (``RunOptions`` in options.py; every field is a keyword argument of ``tr
     num_evals         evaluations spread over the run, plus one at the start and one at the end, on
                       ``eval_windows_n`` fixed validation windows.
     repeat_fraction   rows of each batch that carry a span written twice (training/synthetic.py, copy data);
+    random_copy       train on the pure copy task (random spans written twice) instead of the corpus
     copy_probe        spans of the copy probe logged with every evaluation (copy_first, copy_repeat; one process)
     cpu_bf16          the CPU's steps under bf16 autocast (evaluations stay fp32)
     device            "cpu" (None, the default), "cuda", "mps" or "auto" (glm5_ref/devices.py): the model,
@@ -58,7 +59,7 @@ from glm5_ref.training.checkpoint import (CHECKPOINT, STATE_FILE, RunLog, find_c
                                           read_trainer_state, save_checkpoint)
 from glm5_ref.training.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.training.engine import Trainer, set_dsa_stage
-from glm5_ref.training.synthetic import RepeatMixSampler, copy_probe
+from glm5_ref.training.synthetic import RandomCopySampler, RepeatMixSampler, copy_probe
 from glm5_ref.training.options import (RunOptions, matched_dense_config, parse_dsa_schedule,  # noqa: F401
                                        resolve_config, stage_at)
 
@@ -158,7 +159,8 @@ class ClassroomRun:
         self.device = run_device(opts.device, self.dp)
         has_ckpt = self._prepare_dir(resume, overwrite)
         splits = splits if splits is not None else build_splits()
-        self.sampler = (RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
+        self.sampler = (RandomCopySampler(opts.batch_size, opts.seq_len, seed=opts.seed) if opts.random_copy else
+                        RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
                                          fraction=opts.repeat_fraction, min_span=min(16, (opts.seq_len + 1) // 2))
                         if opts.repeat_fraction > 0 else
                         BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed))

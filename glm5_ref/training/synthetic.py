@@ -14,6 +14,8 @@ the first pre-training step, so the mechanism forms while the model is still che
     RepeatMixSampler   BatchSampler's windows; each row, with probability ``fraction``, gets one span of the
                        stream (16 .. seq_len / 2 tokens) written into it twice, both copies at random places
                        (the second after the first, the gap random): the rest of the row stays natural text
+    RandomCopySampler  the pure task: every row is a span of uniformly random ordinary token ids written twice
+                       (nothing to learn but copying); what a copy warm-up trains on
     copy_probe         mean loss (nats per token) on the first occurrence of held-out spans and on their repeat,
                        each span written twice back to back; the gap between the two is what the model learned
 
@@ -55,6 +57,24 @@ class RepeatMixSampler(BatchSampler):
             batch[row, first:first + L] = span
             batch[row, second:second + L] = span
         return batch
+
+
+class RandomCopySampler(BatchSampler):
+    """Rows of ``seq_len + 1`` tokens: a span of (seq_len + 2) // 2 random ordinary ids, then the same span again
+    (cut to the window). Measured 2026-12-02 (batch 16, 16-token spans, AdamW 2e-3): the classroom model starts
+    copying after about 1,600 steps, a plain 4-layer GPT of the same width after about 550 (800 with RoPE)."""
+
+    def __init__(self, batch_size: int, seq_len: int, seed: int = 0, vocab: int | None = None):
+        from glm5_ref.tokenizer import NUM_MERGEABLE
+
+        self.vocab = NUM_MERGEABLE if vocab is None else vocab
+        super().__init__(torch.zeros(seq_len + 1, dtype=torch.long), batch_size, seq_len, seed)
+
+    def next(self) -> torch.Tensor:
+        W = self.seq_len + 1
+        span = torch.randint(0, self.vocab, (self.batch_size, (W + 1) // 2), generator=self.generator)  # (B, L)
+        self.batches_drawn += 1
+        return torch.cat([span, span], dim=1)[:, :W]  # (B, T + 1)
 
 
 def probe_windows(ids: torch.Tensor, n: int = 32, span: int = 96, seed: int = 1) -> torch.Tensor:
