@@ -181,32 +181,37 @@ def test_first_speculative_token_follows_the_main_model_exactly():
 class WrongFromDepth(torch.nn.Module):
     """The model's MTP layer, except that every draft from depth ``depth`` on is wrong on purpose: its logits are
     negated, so it drafts the token the MTP layer finds least likely, never the main model's argmax (unless a row
-    of logits is constant). Rejections are thus certain: every round accepts at most depth - 1 drafts."""
+    of logits is constant). Rejections are thus certain: every round accepts at most depth - 1 drafts.
+    ``odd_rounds_from_1``: in every second round all drafts are wrong, so rounds that accept nothing happen too,
+    whatever the trained layer gets right."""
 
-    def __init__(self, mtp, depth: int, draft_steps: int):
+    def __init__(self, mtp, depth: int, draft_steps: int, odd_rounds_from_1: bool = False):
         super().__init__()
         self.inner, self.depth, self.draft_steps, self.calls = mtp, depth, draft_steps, 0
+        self.odd_rounds_from_1 = odd_rounds_from_1
 
     def step(self, *args, **kwargs):
         return self.inner.step(*args, **kwargs)
 
     def logits(self, h, lm_head):
         j = self.calls % self.draft_steps + 1  # speculative_generate asks depths 1 .. draft_steps in turn
+        odd_round = (self.calls // self.draft_steps) % 2 == 1
         self.calls += 1
         z = self.inner.logits(h, lm_head)
-        return -z if j >= self.depth else z
+        return -z if j >= (1 if odd_round and self.odd_rounds_from_1 else self.depth) else z
 
 
 @pytest.mark.parametrize("wrong_from", [1, 2])
 def test_cache_rollback_leaves_the_caches_of_a_plain_decode(wrong_from):
     model = copy.deepcopy(trained_model())
-    model.mtp = WrongFromDepth(model.mtp, wrong_from, draft_steps=3)
+    model.mtp = WrongFromDepth(model.mtp, wrong_from, draft_steps=3, odd_rounds_from_1=wrong_from == 2)
     prompt = torch.tensor([[3, 7, 1, 9, 4]])  # the learnt pattern: depth-1 drafts are right there
     cache = model.new_cache(1, 5 + 24 + 4)
     ids, stats = speculative_generate(model, prompt, 24, draft_steps=3, cache=cache)
     assert torch.equal(ids, model.generate(prompt, 24))  # wrong drafts never change greedy output
     assert all(a <= wrong_from for a in stats.accept_lengths)  # a rejection in every round, by construction
-    if wrong_from == 2:  # ... and rounds that accepted a draft before rejecting one: both rollbacks happen
+    if wrong_from == 2:  # ... rounds that accepted a draft before rejecting one, and (made so in every second
+        # round) rounds that accepted none: both rollbacks happen
         assert 2 in stats.accept_lengths and 1 in stats.accept_lengths, stats.accept_lengths
     L = ids.shape[1] - 1  # the last emitted token never enters the cache
     assert cache.length == L
