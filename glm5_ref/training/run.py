@@ -159,11 +159,13 @@ class ClassroomRun:
         self.device = run_device(opts.device, self.dp)
         has_ckpt = self._prepare_dir(resume, overwrite)
         splits = splits if splits is not None else build_splits()
-        self.sampler = (RandomCopySampler(opts.batch_size, opts.seq_len, seed=opts.seed) if opts.random_copy else
-                        RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
-                                         fraction=opts.repeat_fraction, min_span=min(16, (opts.seq_len + 1) // 2))
-                        if opts.repeat_fraction > 0 else
-                        BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed))
+        if opts.random_copy:  # the pure copy task
+            self.sampler = RandomCopySampler(opts.batch_size, opts.seq_len, seed=opts.seed)
+        elif opts.repeat_fraction > 0:  # corpus windows, some with a repeated span (its draws change the stream)
+            self.sampler = RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
+                                            fraction=opts.repeat_fraction, min_span=min(16, (opts.seq_len + 1) // 2))
+        else:
+            self.sampler = BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed)
         self.val_ids = splits.val.ids
         self.val = eval_windows(splits.val.ids, opts.seq_len, opts.eval_windows_n)  # (W, T + 1), always the same
         self.byte_lengths = token_byte_lengths(config.vocab_size)

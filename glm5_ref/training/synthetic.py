@@ -5,7 +5,7 @@ what followed (an "induction head": one head attends to the previous token, a se
 token against those and copies the next one; Olsson et al., "In-context learning and induction heads", 2022).
 Large models learn it from natural text within their first billion tokens or so. The classroom model sees
 5-6M tokens in all, and the first shipped classroom-base never learned it: on a repeated 96-token span of
-held-out code its loss on the repeat was 3.55 nats per token against 3.67 on the first occurrence (a copying
+held-out code its loss on the repeat was 3.37 nats per token against 3.48 on the first occurrence (a copying
 model pays well under 1), so it could not copy an item name or a digit from its prompt, which every
 post-training task needs. GLM-5 mixes synthetic long-range-dependency data into mid-training (report section
 2.3); at classroom scale the simplest such data, a span of the corpus written twice in one window, goes in from
