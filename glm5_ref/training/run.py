@@ -57,9 +57,9 @@ from glm5_ref.devices import autocast, resolve_device, to_cpu
 from glm5_ref.model import GLM5ForCausalLM
 from glm5_ref.training.checkpoint import (CHECKPOINT, STATE_FILE, RunLog, find_checkpoint, read_log,
                                           read_trainer_state, save_checkpoint)
-from glm5_ref.training.data import BatchSampler, build_splits, eval_windows, evaluate, token_byte_lengths
+from glm5_ref.training.data import build_splits, eval_windows, evaluate, token_byte_lengths
 from glm5_ref.training.engine import Trainer, set_dsa_stage
-from glm5_ref.training.synthetic import RandomCopySampler, RepeatMixSampler, copy_probe
+from glm5_ref.training.synthetic import copy_probe, training_sampler
 from glm5_ref.training.options import (RunOptions, matched_dense_config, parse_dsa_schedule,  # noqa: F401
                                        resolve_config, stage_at)
 
@@ -159,13 +159,8 @@ class ClassroomRun:
         self.device = run_device(opts.device, self.dp)
         has_ckpt = self._prepare_dir(resume, overwrite)
         splits = splits if splits is not None else build_splits()
-        if opts.random_copy:  # the pure copy task
-            self.sampler = RandomCopySampler(opts.batch_size, opts.seq_len, seed=opts.seed)
-        elif opts.repeat_fraction > 0:  # corpus windows, some with a repeated span (its draws change the stream)
-            self.sampler = RepeatMixSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed,
-                                            fraction=opts.repeat_fraction, min_span=min(16, (opts.seq_len + 1) // 2))
-        else:
-            self.sampler = BatchSampler(splits.train.ids, opts.batch_size, opts.seq_len, seed=opts.seed)
+        self.sampler = training_sampler(splits.train.ids, opts.batch_size, opts.seq_len, opts.seed,
+                                        repeat_fraction=opts.repeat_fraction, random_copy=opts.random_copy)
         self.val_ids = splits.val.ids
         self.val = eval_windows(splits.val.ids, opts.seq_len, opts.eval_windows_n)  # (W, T + 1), always the same
         self.byte_lengths = token_byte_lengths(config.vocab_size)

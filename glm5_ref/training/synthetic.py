@@ -77,6 +77,17 @@ class RandomCopySampler(BatchSampler):
         return torch.cat([span, span], dim=1)[:, :W]  # (B, T + 1)
 
 
+def training_sampler(train_ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, *,
+                     repeat_fraction: float = 0.0, random_copy: bool = False) -> BatchSampler:
+    """The sampler a run trains on: the pure copy task, corpus windows with some repeated spans, or plain windows."""
+    if random_copy:
+        return RandomCopySampler(batch_size, seq_len, seed=seed)
+    if repeat_fraction > 0:  # its draws change the stream, so 0 keeps the plain sampler's batches
+        return RepeatMixSampler(train_ids, batch_size, seq_len, seed=seed, fraction=repeat_fraction,
+                                min_span=min(16, (seq_len + 1) // 2))
+    return BatchSampler(train_ids, batch_size, seq_len, seed=seed)
+
+
 def probe_windows(ids: torch.Tensor, n: int = 32, span: int = 96, seed: int = 1) -> torch.Tensor:
     """(n, 2 * span): ``n`` spans of ``ids`` at seeded random starts, each written twice back to back."""
     if ids.numel() < span:
