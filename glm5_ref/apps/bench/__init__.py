@@ -11,7 +11,7 @@ returning the rows to print. Register its name in BENCHMARKS below.
 Devices (``--device auto|cpu|cuda|mps``, default cpu): a benchmark whose ``run`` takes ``device`` (a torch.device)
 builds both sides there and every row gets a "device" key ("cpu", "cuda", "mps"; fp32 on
 every device, so both sides compute the same thing); ``timeit`` waits for the GPU before it reads the clock. The
-others run on the CPU only (rl-async: thread workers and a toy model; vs-transformers; kernels picks the
+others run on the CPU only (rl-async: rollout worker processes and a toy model; vs-transformers; kernels picks the
 GPU itself when there is one) and refuse another device with an error naming --device.
 """
 
@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "vs-transformers": "glm5_ref vs transformers GlmMoeDsaForCausalLM, same weights: prefill, decode, train step",
     "spec-decode": "trained classroom GLM-5, 256 greedy tokens: MTP speculative decoding (3 drafts) vs plain",
     "moe": "MoE layer (256 experts, top-8): grouped dispatch vs per-expert loop",
-    "rl-async": "the same RL updates with synchronous vs asynchronous rollouts under long-tailed env latency",
+    "rl-async": "sync vs async RL updates, rollout processes, tool latency 0.1x / 1x / 10x a rollout's compute",
     "kernels": "Triton kernels vs their PyTorch twins (GPU: time, TFLOP/s, GB/s; CPU: correctness checks only)",
 }
 

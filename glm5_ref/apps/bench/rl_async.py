@@ -1,45 +1,52 @@
-"""rl-async: the same number of RL updates with synchronous vs asynchronous rollouts when the environment's
-latency has a long tail (simulated: base + scale * Pareto(alpha), capped; tool_env.long_tail_latency).
+"""rl-async: the same RL updates with synchronous vs asynchronous rollouts, rollout workers in separate processes
+(apps/rollout_processes.py), across tool latencies set relative to the rollout's own compute.
 
-Synchronous: issue a batch, wait for its slowest rollout, train, push (the trainer and the workers take turns).
-Asynchronous (GLM-5 section 4.1.1): workers keep rolling out while the trainer trains; a batch is formed from
-whichever groups finish first, so one slow tool call no longer stalls the update. Same model (the rl-toy
-GLM-5, random weights: only time matters), same workers, same updates; staleness is not limited here
-(max_staleness is large) so that both runs train on exactly the same number of samples.
-Goal (issue #10): async at least 1.5x faster. JSON keys: name, sync_s, async_s, ratio (+ the settings).
+First the benchmark measures what one rollout's compute costs here (the rl-toy GLM-5 with random weights, one
+thread, no tool latency: c seconds). Then for each latency ratio r in LATENCY_RATIOS every tool call sleeps a
+long-tailed latency of mean about r * c (half fixed, half Pareto(1.5), capped at 10x the mean), and the same
+number of updates runs synchronously (issue 2 groups of 4, wait for the slowest, train) and asynchronously
+(keep groups issued; train when 2 are complete), with the same worker processes, from the same weights, with
+the same tasks. So the regimes are the same on a fast and on a slow machine: r = 0.1 is compute-bound (the
+workers and the trainer share the cores; asynchrony can only overlap the update with rollouts), r = 10 is
+latency-bound (the cores idle while tools answer; a synchronous update waits for the slowest of 8 calls).
+Reported per ratio: both wall times and their ratio, the trainer's idle fraction in each mode, the asynchronous
+samples' mean staleness. Goal (issue #21): async at least 1.5x when the tool latency is at least the rollout's
+compute (r >= 1). JSON: one object per ratio.
 """
 
 from __future__ import annotations
 
 import torch
 
-from glm5_ref.apps.agentic import AsyncRLLoop, LoopConfig
-from glm5_ref.apps.tool_env import ToolUseEnv, long_tail_latency, toy_config
+from glm5_ref.apps.rollout_processes import Latency, ProcessRolloutPool, rollout_compute_s, run_loop
+from glm5_ref.apps.tool_env import toy_config
 from glm5_ref.model import GLM5ForCausalLM
 
-# seconds per tool call: 0.1 + 0.05 * Pareto(1.5), capped at 2 s (mean ~0.25 s, 1 call in ~90 above 1 s)
-LATENCY = {"base": 0.1, "scale": 0.05, "alpha": 1.5, "cap": 2.0}
+LATENCY_RATIOS = (0.1, 1.0, 10.0)
 
 
-def _time(mode: str, updates: int, state: dict, workers: int) -> float:
-    model = GLM5ForCausalLM(toy_config())
-    model.load_state_dict(state)
-    env = ToolUseEnv(10, 29, latency=long_tail_latency(LATENCY["base"], LATENCY["scale"], LATENCY["alpha"],
-                                                          LATENCY["cap"]))
-    cfg = LoopConfig(mode=mode, num_workers=workers, group_size=4, groups_per_update=2, num_updates=updates,
-                     max_staleness=10**6, max_inflight_groups=workers // 4 + 2, heartbeat_timeout=30.0,
-                     lr=3e-4, seed=0)
-    return AsyncRLLoop(model, env, cfg).run()["wall_s"]
-
-
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    state = GLM5ForCausalLM(toy_config()).state_dict()
-    updates, workers = (6, 16) if quick else (25, 16)
-    sync_s = _time("sync", updates, state, workers)
-    async_s = _time("async", updates, state, workers)
-    return {"name": "rl-async", "sync_s": round(sync_s, 3), "async_s": round(async_s, 3),
-            "ratio": round(sync_s / async_s, 3), "updates": updates, "workers": workers,
-            "rollouts_per_update": 8,
-            "latency": "{base} + {scale} * Pareto({alpha}) s, capped at {cap} s".format(**LATENCY)}
+    config = toy_config()
+    state = GLM5ForCausalLM(config).state_dict()
+    updates, workers, ratios = (3, 4, (1.0, 10.0)) if quick else (20, 8, LATENCY_RATIOS)
+    compute = rollout_compute_s(config, state)
+    rows = []
+    with ProcessRolloutPool(config, workers) as pool:
+        for r in ratios:
+            latency = Latency.with_mean(r * compute)
+            out = {}
+            for mode in ("sync", "async"):
+                model = GLM5ForCausalLM(config)
+                model.load_state_dict(state)
+                out[mode] = run_loop(pool, model, mode, updates, latency, seed=0)
+            rows.append({"name": "rl-async", "latency_ratio": r, "tool_latency_s": round(latency.sample_mean(), 4),
+                         "rollout_compute_s": round(compute, 4), "sync_s": round(out["sync"]["wall_s"], 3),
+                         "async_s": round(out["async"]["wall_s"], 3),
+                         "ratio": round(out["sync"]["wall_s"] / out["async"]["wall_s"], 3),
+                         "sync_idle": round(out["sync"]["idle_fraction"], 3),
+                         "async_idle": round(out["async"]["idle_fraction"], 3),
+                         "async_staleness": round(out["async"]["staleness_mean"], 2),
+                         "updates": updates, "workers": workers, "rollouts_per_update": 8})
+    return rows
