@@ -38,13 +38,15 @@ def test_long_stream_packs_modules_before_their_tests_and_repeats_long_documents
 def test_quick_recipe_runs_every_stage_resumes_and_ships(tmp_path):
     out = tmp_path / "run"
     summary = recipe.run_recipe(quick=True, out_dir=out, progress=False)
-    assert [s["name"] for s in summary["stages"]] == ["pretrain", "midtrain", "dsa-warmup", "dsa-sparse"]
+    assert [s["name"] for s in summary["stages"]] == ["copy-warmup", "pretrain", "midtrain", "dsa-warmup", "dsa-sparse"]
     states = [read_trainer_state(recipe.stage_dir(out, i, st)) for i, st in enumerate(recipe.QUICK)]
     assert all(s["finished"] for s in states)
-    assert states[-1]["attention"] == "sparse" and states[1]["attention"] == "dense"
-    assert states[1]["args"]["init_from"].startswith(str(out / "01_pretrain"))  # each stage starts from the last
-    assert all(s["args"]["repeat_fraction"] == st.repeat > 0 for s, st in zip(states, recipe.QUICK))  # copy data
-    evals = [r for r in read_log(recipe.stage_dir(out, 0, recipe.QUICK[0])) if r["kind"] == "eval"]
+    assert states[-1]["attention"] == "sparse" and states[2]["attention"] == "dense"
+    assert states[1]["args"]["init_from"].startswith(str(out / "01_copy-warmup"))  # each stage starts from the last
+    assert states[2]["args"]["init_from"].startswith(str(out / "02_pretrain"))
+    assert states[0]["args"]["random_copy"] and not any(s["args"]["random_copy"] for s in states[1:])  # the copy task
+    assert all(s["args"]["repeat_fraction"] == st.repeat > 0 for s, st in zip(states[1:], recipe.QUICK[1:]))
+    evals = [r for r in read_log(recipe.stage_dir(out, 1, recipe.QUICK[1])) if r["kind"] == "eval"]
     assert len(evals) >= 2 and all(r["copy_repeat"] > 0 and r["copy_first"] > 0 for r in evals)  # the probe, logged
     with pytest.raises(ValueError, match="--resume"):
         recipe.run_recipe(quick=True, out_dir=out, progress=False)

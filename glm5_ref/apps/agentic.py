@@ -24,8 +24,8 @@ The loop (GLM-5 section 4.1.1; glm5_spec.md section 8), ``AsyncRLLoop``:
 Choices where the paper is silent: the task; threads instead of processes (torch releases the GIL in its kernels;
 the toy model is small); the unit of work is one rollout, not one group; padding repeats valid samples in order
 (cyclic); staleness is judged when a batch is formed; AdamW (reset on push); gradient-norm clipping at 1.0.
-An env with a ``rollout`` method plays its own episodes. Not handled: task mixes, DP-aware routing, processes,
-persisting the replay state across restarts. Runs are not bit-reproducible (thread timing decides versions).
+An env with a ``rollout`` method plays its own episodes; rollout_processes.py times the loop with worker processes.
+Not handled: task mixes, DP-aware routing, persisting the replay state across restarts. Not bit-reproducible.
 """
 
 from __future__ import annotations

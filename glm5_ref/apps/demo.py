@@ -30,7 +30,7 @@ from glm5_ref.training.checkpoint import find_checkpoint, read_log, read_trainer
 from glm5_ref.training.options import resolve_config
 from glm5_ref.training.run import load_model, train
 
-# The live run: the recipe's pre-training stage (apps/recipe.py FULL[0]) for its first 110 steps.
+# The live run: the recipe's pre-training stage (apps/recipe.py FULL[1]) for its first 110 steps.
 DEMO_TRAIN = dict(
     steps=110,                   # 110 x 8 x 256 = 225,280 tokens: about 4.5 minutes on 2 cores
     batch_size=8, seq_len=256,

@@ -146,7 +146,7 @@ stages read the long stream (related files packed together, long documents twice
 |---|---|
 | test bits/byte (512-token windows, its own sparse attention) | **{m['test_bpb']:.3f}** (validation {m['val_bpb']:.3f}) |
 | test bits/byte at the pre-training context (256-token windows) | **{m['test_bpb_256']:.3f}** |
-| test bits/byte of the tokens after the first 256 of each 512-token window | {m['test_bpb_beyond_256']:.3f} (mid-training's 1K context is learned from {m['recipe']['stages'][1]['tokens']:,} tokens only) |
+| test bits/byte of the tokens after the first 256 of each 512-token window | {m['test_bpb_beyond_256']:.3f} (mid-training's 1K context is learned from {next(s['tokens'] for s in m['recipe']['stages'] if s['name'] == 'midtrain'):,} tokens only) |
 | copy probe: nats per token on {cp['spans']} held-out spans of {cp['span_tokens']} tokens, then on their repeat | first **{cp['first']:.2f}**, repeat **{cp['repeat']:.2f}** |
 | DSA vs dense at {d['context']} tokens | DSA {d['dsa_bpb']:.3f}, the same model dense {d['same_model_dense_bpb']:.3f}, before DSA (dense) {d['before_dsa_dense_bpb']:.3f}: gap {d['gap']:+.3f} |
 | speculative decoding, 3 MTP drafts, greedy ({sp['prompts']} prompts x {sp['new_tokens']} tokens) | accept length **{sp['accept_length']:.2f}**, acceptance by depth {', '.join('-' if a is None else f'{a:.2f}' for a in sp['acceptance_by_depth'])}; **{sp['speedup']:.2f}x** plain cached decoding ({sp['spec_tok_s']:.0f} vs {sp['plain_tok_s']:.0f} tokens/s, {sp['threads']} threads); identical ids: {sp['identical']} |
