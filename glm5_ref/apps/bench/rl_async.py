@@ -12,17 +12,42 @@ latency-bound (the cores idle while tools answer; a synchronous update waits for
 Reported per ratio: both wall times and their ratio, the trainer's idle fraction in each mode, the asynchronous
 samples' mean staleness. Goal (issue #21): async at least 1.5x when the tool latency is at least the rollout's
 compute (r >= 1). JSON: one object per ratio.
+
+Then rows marked "simulated": the same two loops at cluster scale as a discrete-event simulation
+(apps/rl_simulation.py: no model, only when rollouts and updates start and end), under assumptions the paper does
+not give numbers for: an update trains on 256 rollouts and takes 120 s, the inference engine runs 512 at once,
+rollout durations are log-normal with a 60 s median and a tail of width sigma (0.25 narrow, 1.0 and 1.5 long).
 """
 
 from __future__ import annotations
 
 import torch
 
+from glm5_ref.apps.rl_simulation import lognormal_durations, simulate
 from glm5_ref.apps.rollout_processes import Latency, ProcessRolloutPool, rollout_compute_s, run_loop
 from glm5_ref.apps.tool_env import toy_config
 from glm5_ref.model import GLM5ForCausalLM
 
 LATENCY_RATIOS = (0.1, 1.0, 10.0)
+SIMULATED = dict(batch=256, slots=512, train_s=120.0, median_s=60.0, updates=50)  # cluster-scale assumptions
+TAIL_SIGMAS = (0.25, 0.5, 1.0, 1.5)
+
+
+def simulated_rows(updates: int = SIMULATED["updates"]) -> list[dict]:
+    """The simulated rows (module docstring), one per tail width."""
+    c, rows = SIMULATED, []
+    for sigma in TAIL_SIGMAS:
+        out = {m: simulate(m, updates, c["batch"], c["slots"], c["train_s"], lognormal_durations(c["median_s"], sigma))
+               for m in ("sync", "async")}
+        rows.append({"name": "rl-async", "simulated": True, "tail_sigma": sigma, "rollout_median_s": c["median_s"],
+                     "batch": c["batch"], "slots": c["slots"], "train_s": c["train_s"], "updates": updates,
+                     "sync_s": round(out["sync"]["wall_s"]), "async_s": round(out["async"]["wall_s"]),
+                     "ratio": round(out["sync"]["wall_s"] / out["async"]["wall_s"], 2),
+                     "sync_idle": round(out["sync"]["trainer_idle"], 3),
+                     "async_idle": round(out["async"]["trainer_idle"], 3),
+                     "async_staleness": round(out["async"]["staleness_mean"], 2),
+                     "async_staleness_max": out["async"]["staleness_max"]})
+    return rows
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -41,12 +66,12 @@ def run(quick: bool = False) -> list[dict]:
                 model = GLM5ForCausalLM(config)
                 model.load_state_dict(state)
                 out[mode] = run_loop(pool, model, mode, updates, latency, seed=0)
-            rows.append({"name": "rl-async", "latency_ratio": r, "tool_latency_s": round(latency.sample_mean(), 4),
-                         "rollout_compute_s": round(compute, 4), "sync_s": round(out["sync"]["wall_s"], 3),
+            rows.append({"name": "rl-async", "simulated": False, "latency_ratio": r,
+                         "tool_latency_s": round(latency.sample_mean(), 4), "rollout_compute_s": round(compute, 4), "sync_s": round(out["sync"]["wall_s"], 3),
                          "async_s": round(out["async"]["wall_s"], 3),
                          "ratio": round(out["sync"]["wall_s"] / out["async"]["wall_s"], 3),
                          "sync_idle": round(out["sync"]["idle_fraction"], 3),
                          "async_idle": round(out["async"]["idle_fraction"], 3),
                          "async_staleness": round(out["async"]["staleness_mean"], 2),
                          "updates": updates, "workers": workers, "rollouts_per_update": 8})
-    return rows
+    return rows + simulated_rows(10 if quick else SIMULATED["updates"])
