@@ -116,12 +116,19 @@ class ProcessRolloutPool:
         self.tasks.put((rollout_id, task, seed, temperature, env_range, latency))
 
     def _get(self, timeout: float, doing: str):
-        try:
-            return self.results.get(timeout=timeout)
-        except queue.Empty:
-            dead = [p.name for p in self.procs if not p.is_alive()]
-            raise RuntimeError(f"ProcessRolloutPool: nothing came back within {timeout} s while {doing} "
-                               f"(dead workers: {dead or 'none'})") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:  # a worker that died never answers: say so now rather than at the deadline
+                    raise RuntimeError(f"ProcessRolloutPool: rollout workers {dead} died while {doing}. Workers "
+                                       "start with 'spawn', which re-imports the main script: a script that starts "
+                                       "a pool needs its code under `if __name__ == \"__main__\":`") from None
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"ProcessRolloutPool: nothing came back within {timeout} s while "
+                                       f"{doing}") from None
 
     def next_result(self, timeout: float = 600.0):
         """(rollout id, trajectory) of the next finished rollout."""
