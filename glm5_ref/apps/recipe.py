@@ -33,14 +33,14 @@ tokens (a plain GPT of the same width: ~550, ~800 with RoPE). The same classroom
 (first_k_dense_replace = 4, no MTP module) had not started by step 1,250, nor the full one with kv_lora_rank 256
 by 900 or at lr 6e-3 by 1,100 (2026-12-02).
 What decides is the learning rate, and lower is sooner (the full classroom model, fp32, AdamW at a constant lr
-after 100 warm-up steps, 2026-12-02/03): at 5e-4 the repeat's loss leaves the plateau near step 650 (repeat /
-first 7.45 / 8.33 at 900, 4.13 / 8.34 at 1,600); at 1e-3 nothing by 1,100; at 2e-3 nothing by 2,000 (the
-recipe's own stage, bf16, stopped); with a cosine from 2e-3 copying started near step 1,600, once the lr had
-decayed. Hence the first stage, ``copy-warmup``: 2,000 steps of the pure copy task at a constant 5e-4, so that
-pre-training starts from a model that copies and its copy rows keep the mechanism while code is learned.
-Whether pre-training's Muon Split at 8e-3 keeps it is what the next full run's copy probe will show (the same
-finding suggests it may not). The shipped classroom-base v1 was trained by the four stages without the warm-up
-(its model card lists them).
+after 100 warm-up steps, 2026-12-02/03): at 5e-4 the repeat's loss leaves the plateau near step 650 (repeat / first
+7.45 / 8.33 at 900, 4.13 / 8.34 at 1,600, 3.01 at 2,050); at 2.5e-4 near step 950; at 1e-3 nothing by 1,100; at
+2e-3 nothing by 2,000 (the recipe's own stage, bf16, stopped); with a cosine from 2e-3 copying started near step
+1,600, once the lr had decayed. Hence the first stage, ``copy-warmup``: 2,000 steps of the pure copy task at a
+constant 5e-4, so that pre-training starts from a model that copies and its copy rows keep the mechanism while code
+is learned. Whether pre-training's Muon Split at 8e-3 keeps it is what the next full run's copy probe will show
+(the same finding suggests it may not). The shipped classroom-base v1 was trained by the four stages without the
+warm-up (its model card lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
