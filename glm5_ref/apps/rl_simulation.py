@@ -13,9 +13,11 @@ cores, just when rollouts start and end and when the trainer is busy. Every numb
 
     sync    issue ``batch`` rollouts on the current weights, wait for the last one, train; repeat. Slots idle
             while the tail finishes and while the trainer trains; the trainer idles while rollouts run.
-    async   every free slot starts a new rollout at once with the newest weights; the trainer takes the first
-            ``batch`` finished rollouts whenever it is free and that many are waiting. A rollout's staleness is
-            the number of updates published between its start and the update that trains on it.
+    async   a new rollout starts, with the newest weights, whenever fewer than ``slots`` rollouts are running or
+            finished and waiting to be trained (so slots idle once the trainer falls behind: that bounds the
+            staleness); the trainer takes the first ``batch`` finished rollouts whenever it is free and that many
+            are waiting. A rollout's staleness is the number of updates published between its start and the
+            update that trains on it.
 
 Results: wall seconds for ``updates`` updates, the trainer's idle fraction, the slots' utilisation, and the
 staleness (mean and max) of the asynchronous samples. Not modelled: partial rollouts (a rollout keeps the weights
@@ -98,8 +100,7 @@ def simulate(mode: str, updates: int, batch: int, slots: int, train_s: float,
         end, _, v, begun = heapq.heappop(events)
         t = end
         finished_busy += end - begun
-        waiting.append(v)
-        fill(t)
+        waiting.append(v)  # it stays counted against `slots` until it is trained: no new start here
     running_busy = sum(t - begun for _, _, _, begun in events)
     return {"wall_s": t, "trainer_idle": 1 - updates * train_s / t,
             "slot_utilisation": (finished_busy + running_busy) / (slots * t),

@@ -169,6 +169,7 @@ def run_loop(pool: ProcessRolloutPool, model: GLM5ForCausalLM, mode: str, update
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pool.publish(model)  # the workers start from this run's weights
     pending: dict[int, dict[int, object]] = {}  # group -> index -> trajectory
+    slot: dict[str, tuple[int, int]] = {}  # rollout id -> (group, index)
     complete: list[list] = []
     trained: list[str] = []
     lags: list[int] = []
@@ -179,6 +180,7 @@ def run_loop(pool: ProcessRolloutPool, model: GLM5ForCausalLM, mode: str, update
         task = env.sample_task(rng)
         pending[issued] = {}
         for i in range(group_size):
+            slot[f"g{issued}-s{i}"] = (issued, i)
             pool.submit(f"g{issued}-s{i}", task, rng.randrange(2**31), temperature, env_range, latency)
         issued += 1
 
@@ -191,7 +193,7 @@ def run_loop(pool: ProcessRolloutPool, model: GLM5ForCausalLM, mode: str, update
             for _ in range(groups_per_update):
                 issue()
         rollout_id, traj = pool.next_result()
-        g, i = (int(x[1:]) for x in rollout_id.split("-"))
+        g, i = slot.pop(rollout_id)
         pending[g][i] = traj
         if len(pending[g]) == group_size:
             members = pending.pop(g)

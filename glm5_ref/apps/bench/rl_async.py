@@ -67,7 +67,8 @@ def run(quick: bool = False) -> list[dict]:
                 model.load_state_dict(state)
                 out[mode] = run_loop(pool, model, mode, updates, latency, seed=0)
             rows.append({"name": "rl-async", "simulated": False, "latency_ratio": r,
-                         "tool_latency_s": round(latency.sample_mean(), 4), "rollout_compute_s": round(compute, 4), "sync_s": round(out["sync"]["wall_s"], 3),
+                         "tool_latency_s": round(latency.sample_mean(), 4), "rollout_compute_s": round(compute, 4),
+                         "sync_s": round(out["sync"]["wall_s"], 3),
                          "async_s": round(out["async"]["wall_s"], 3),
                          "ratio": round(out["sync"]["wall_s"] / out["async"]["wall_s"], 3),
                          "sync_idle": round(out["sync"]["idle_fraction"], 3),
