@@ -11,7 +11,7 @@ What it is
         RoPE on dims [0, d_r) of q^I and k^I     (GLM-5: interleaved pairs; DeepSeek-V3.2: half-split)
         w_{t,j}   = (W^Iw h_t)_j * H_I^-0.5       (weights_proj, fp32)
         I_{t,s}   = sum_j w_{t,j} * ReLU(q^I_{t,j} . k^I_s / sqrt(d_I))          s <= t
-        S_t       = TopK_s(I_{t,s}, k = min(index_topk, t + 1))   (torch.topk: deterministic)
+        S_t       = TopK_s(I_{t,s}, k = min(index_topk, t + 1))   (ties to the most recent key)
         u_t       = MLA restricted to s in S_t, the same S_t for every head.
 
     The indexer costs H_I * d_I = 4096 multiply-adds per (query, key) pair against 64 * 512 = 32768 for
@@ -154,20 +154,62 @@ def select_topk(scores: torch.Tensor, query_pos: torch.Tensor, topk: int) -> tor
 
     Exact ties (frequent: a key whose ReLU terms are all zero scores exactly 0) go to the most recent key,
     so the selection depends on the fp32 scores alone, not on the sequence length or on how torch.topk
-    orders equal values; that is what makes cached decoding select what a full forward selects. The trick:
-    rank by one int64 key = (the fp32 score's bits, mapped to an order-preserving integer) * 2^32 + position.
+    orders equal values; that is what makes cached decoding select what a full forward selects. The rule is
+    one int64 ranking key per key (``ranking_key``: the score's bits as an order-preserving integer, then the
+    position); ``select_topk_reference`` ranks all S keys by it, the twin this function equals bit for bit.
+
+    Cheaper, same result: one float top-(k + 1) per row. Where its k + 1 scores are strictly decreasing (pairs
+    of -inf aside: both are padding), neither the set nor the order can depend on a tie rule, so it is the
+    answer. The other rows (equal scores among the first k + 1, a NaN, or -0.0 next to +0.0, which floats call
+    equal and the key orders) are ranked by the reference, on those rows only.
     """
+    check_topk(topk)
+    S = scores.shape[-1]
+    k = min(topk, S)
+    if k == S:  # every causal key is picked (the caller usually skips the indexer here): only the order is left
+        return select_topk_reference(scores, query_pos, topk)
+    masked = causal_scores(scores, query_pos)  # (B, T, S)
+    vals, idx = masked.topk(k + 1, dim=-1)  # float order; equal scores in any order
+    strict = (vals[..., :-1] > vals[..., 1:]) | (vals[..., 1:] == float("-inf"))  # (B, T, k)
+    out = torch.where(torch.isinf(vals[..., :k]), -1, idx[..., :k])  # a -inf pick is a future key: padding
+    tied = ~strict.all(dim=-1)  # (B, T)
+    if tied.any():
+        rows = tied.nonzero(as_tuple=True)
+        out[rows] = _select_masked(masked[rows], k)
+    return out
+
+
+def select_topk_reference(scores: torch.Tensor, query_pos: torch.Tensor, topk: int) -> torch.Tensor:
+    """The naive twin of ``select_topk``: every key ranked by its int64 ``ranking_key``, one top-k over all S."""
+    check_topk(topk)
+    return _select_masked(causal_scores(scores, query_pos), min(topk, scores.shape[-1]))
+
+
+def check_topk(topk) -> None:
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected a positive integer, got {topk!r}")
-    S = scores.shape[-1]
-    causal = torch.arange(S, device=scores.device) <= query_pos[:, None]  # (T, S)
-    masked = scores.float().masked_fill(~causal, float("-inf"))  # (B, T, S)
-    bits = masked.view(torch.int32).long()  # IEEE bits: ordered like the floats for >= 0, reversed for < 0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # now ordered like the floats everywhere
-    key = bits * 2**32 + torch.arange(S, device=scores.device)  # (B, T, S): unique, ties -> larger position
-    idx = key.topk(min(topk, S), dim=-1).indices  # (B, T, k)
-    picked = torch.gather(masked, -1, idx)  # (B, T, k)
-    return torch.where(torch.isinf(picked), -1, idx)  # a -inf pick is a future key: padding
+
+
+def causal_scores(scores: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) fp32 scores with every future key (s > query_pos[t]) at -inf."""
+    causal = torch.arange(scores.shape[-1], device=scores.device) <= query_pos[:, None]  # (T, S)
+    return scores.float().masked_fill(~causal, float("-inf"))
+
+
+def ranking_key(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like (fp32 score, position): unique per position, so equal scores go to the larger
+    position. The IEEE bits are ordered like the floats for >= 0 and reversed for < 0; flipping the magnitude
+    bits of the negative ones makes them ordered everywhere (-0.0 then ranks just below +0.0)."""
+    bits = scores.contiguous().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits * 2**32 + positions
+
+
+def _select_masked(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., S) causally masked fp32 scores -> (..., k) positions by ``ranking_key``, -1 for -inf picks."""
+    positions = torch.arange(masked.shape[-1], device=masked.device)
+    idx = ranking_key(masked, positions).topk(k, dim=-1).indices
+    return torch.where(torch.isinf(torch.gather(masked, -1, idx)), -1, idx)
 
 
 def attention_target(probs: torch.Tensor) -> torch.Tensor:

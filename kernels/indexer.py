@@ -18,7 +18,7 @@ Algorithm and tiling
     bitonic step: sort the chunk ascending, take the elementwise max with the descending buffer (the KP
     largest of the union, as a bitonic sequence), sort that descending (``_sort_rows``: tl.sort's bitonic
     network with min/max compare-and-swap). Scores are ranked by one int64 key,
-    (order-preserving int32 of the fp32 bits) << 32 | position, exactly the key of ``select_topk``, so ties go
+    (order-preserving int32 of the fp32 bits) << 32 | position, exactly ``glm5_ref.dsa.ranking_key``, so ties go
     to the most recent key and the same scores give the same indices bit for bit. Future keys score -inf
     and come out as -1, as in the twin. Within a chunk the keys are scored BLOCK_S at a time (a (BLOCK_T * J,
     KP) fp32 logit tile would not fit in registers for KP = 2048); their int64 keys go to the program's slice
@@ -137,7 +137,7 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, out_ptr, T, S, J, I, scale,
 def _chunk_keys(q, k_ptr, w, kb, s0, S, I, stride_ks, scale, qpos,
                 BLOCK_T: tl.constexpr, JP: tl.constexpr, IP: tl.constexpr, BS: tl.constexpr,
                 CAST: tl.constexpr, PREC: tl.constexpr):
-    """(BLOCK_T, BS) int64 ranking keys of keys s0 .. s0 + BS: the key of ``select_topk``."""
+    """(BLOCK_T, BS) int64 ranking keys of keys s0 .. s0 + BS: ``glm5_ref.dsa.ranking_key``."""
     sc = _scores_tile(q, k_ptr, w, kb, s0, S, I, stride_ks, scale, BLOCK_T, JP, IP, BS, CAST, PREC)
     s = s0 + tl.arange(0, BS)
     sc = tl.where(s[None, :] <= qpos[:, None], sc, float("-inf"))  # future keys: -inf, as select_topk

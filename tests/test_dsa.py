@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from glm5_ref.config import GLM5Config
 from glm5_ref.dsa import (DSAAttention, DSACache, Indexer, attention_target, fp8_simulate, fp8_topk_agreement,
-                          freeze_all_but_indexers, hadamard_matrix, hadamard_rotate, indexer_kl, select_topk)
+                          freeze_all_but_indexers, hadamard_matrix, hadamard_rotate, indexer_kl, select_topk,
+                          select_topk_reference)
 from glm5_ref.layers import interleaved_to_half_split
 from glm5_ref.mla import MLA
 from tests.strategies import batch_sizes, odd_lengths, randn, seeds, small_configs
@@ -299,3 +300,37 @@ def test_exact_ties_go_to_the_most_recent_key_whatever_the_length():
     assert select_topk(scores[..., :9], torch.tensor([8]), 4)[0, 0].tolist() == [3, 8, 7, 6]
     neg = -torch.arange(1.0, 7.0).view(1, 1, 6)  # negative scores keep their order: -1 > -2 > ...
     assert select_topk(neg, torch.tensor([5]), 3)[0, 0].tolist() == [0, 1, 2]
+
+
+def tie_heavy_scores(seed: int, B: int, T: int, S: int, zero_frac: float) -> torch.Tensor:
+    """Scores with many exact ties: ReLU-like zeros (+0.0 and -0.0 mixed), values from a few levels, -inf."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([-1.5, -0.0, 0.0, 0.25, 0.25, 1.0, 3.0, float("-inf")])
+    scores = levels[torch.randint(len(levels), (B, T, S), generator=g)]
+    spread = torch.randn(B, T, S, generator=g)  # distinct values in the rest
+    keep = torch.rand(B, T, S, generator=g) < zero_frac
+    return torch.where(keep, scores, spread)
+
+
+@given(seed=seeds, B=batch_sizes, T=st.integers(1, 9), S=st.integers(1, 40), topk=st.integers(1, 45),
+       zero_frac=st.sampled_from([0.0, 0.3, 0.9, 1.0]), offset=st.integers(0, 30))
+def test_fast_selection_equals_the_reference_bit_for_bit(seed, B, T, S, topk, zero_frac, offset):
+    """select_topk's one float top-(k + 1) with a fallback for tied rows picks the same keys in the same order
+    as ranking every key by its int64 key, ties (+0.0 / -0.0 included), -inf rows and k >= S among them."""
+    scores = tie_heavy_scores(seed, B, T, S, zero_frac)
+    query_pos = (torch.arange(T) + offset).clamp_max(S - 1)
+    fast, ref = select_topk(scores, query_pos, topk), select_topk_reference(scores, query_pos, topk)
+    assert fast.shape == ref.shape == (B, T, min(topk, S))
+    assert torch.equal(fast, ref)
+
+
+def test_the_fast_path_meets_both_kinds_of_row():
+    """One call where some rows are strictly ordered (answered by the float top-k) and some tied (the fallback
+    ranks them): the tied rows pick the most recent of their equal keys, newest first."""
+    scores = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    scores[0, :2, 20:] = 5.0  # rows 0 and 1: 44 keys tied above every other score, more than k
+    pos = torch.full((4,), 63)
+    fast = select_topk(scores, pos, 8)
+    assert torch.equal(fast, select_topk_reference(scores, pos, 8))
+    assert fast[0, :2].tolist() == [list(range(63, 55, -1))] * 2
+    assert torch.equal(fast[0, 2:], scores[0, 2:].topk(8).indices)  # untied rows: the float order itself
