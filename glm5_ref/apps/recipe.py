@@ -38,9 +38,14 @@ after 100 warm-up steps, 2026-12-02/03): at 5e-4 the repeat's loss leaves the pl
 2e-3 nothing by 2,000 (the recipe's own stage, bf16, stopped); with a cosine from 2e-3 copying started near step
 1,600, once the lr had decayed. Hence the first stage, ``copy-warmup``: 2,000 steps of the pure copy task at a
 constant 5e-4, so that pre-training starts from a model that copies and its copy rows keep the mechanism while code
-is learned. Whether pre-training's Muon Split at 8e-3 keeps it is what the next full run's copy probe will show
-(the same finding suggests it may not). The shipped classroom-base v1 was trained by the four stages without the
-warm-up (its model card lists them).
+is learned. The second full run (``--cpu-bf16``, 2026-12-03) showed two things. Under bf16 autocast the
+warm-up barely started (its loss left the plateau only near step 1,500: the pretrain stage's first probe read
+8.77 first / 8.65 repeat), so the warm-up now always trains in fp32 (``Stage.bf16 = False``). And pre-training
+at 8e-3 suppresses copying while the lr is high: the probe's gap (first - repeat) was 0.03 nats at step 520,
+0.07 at 1,040, 0.08 at 1,560 and grew only as the cosine decayed (0.16 at 2,080, 0.28 at 2,600, lr 8e-4), while
+validation reached 1.277 bits/byte (v1: 1.302). Hence pre-training's peak lr of 3e-3, and an evaluation every
+200 steps so that the probe shows early whether the warm-up's copying survives. The shipped classroom-base v1
+was trained by the four stages without the warm-up (its model card lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
@@ -53,8 +58,8 @@ the card).
 
 Choices where the paper is silent or does not fit a CPU: the lengths (256 and 1,024 instead of 4K and 32K-200K);
 the token budgets (set by a two-hour CPU budget: a classroom step with MTP x3 costs ~2.3 s for 2,048 tokens on 2
-cores); Muon Split at lr 8e-3 ("match_rms_adamw", so AdamW shares it) with a 3% warm-up and a cosine to 10%;
-mid-training from where pre-training's cosine ended (8e-4, then a cosine to 10% of it); the indexer warm-up at lr
+cores); Muon Split at lr 3e-3 ("match_rms_adamw", so AdamW shares it; v1 and v2 used 8e-3) with a 3% warm-up and
+a cosine to 10%; mid-training from where pre-training's cosine ended (3e-4, then a cosine to 10% of it); the indexer warm-up at lr
 1e-3 (AdamW, the base frozen); sparse adaptation at half the mid-training lr; MTP loss weight 0.3
 (config.mtp_loss_weight, GLM-4.5's; the paper gives none). The first full run re-warmed mid-training to 2.5e-3
 and sparse adaptation to 1e-3: the 256-token validation loss rose from 1.367 to 1.478 bits/byte in mid-training
@@ -98,19 +103,21 @@ class Stage:
     warmup: float = 0.03
     min_lr_ratio: float = 0.1
     repeat: float = 0.25      # rows with a span written twice (training/synthetic.py: the copy data)
+    bf16: bool = True         # may train under --cpu-bf16's autocast (the copy warm-up does not form under it)
+    evals: int = 4            # evaluations (validation and the copy probe) over the stage
 
 
 FULL = (
     Stage("copy-warmup", 32, 16, 2000, 5e-4, "dense", "copy", optimizer="adamw", warmup=0.05, min_lr_ratio=1.0,
-          repeat=0.0),
-    Stage("pretrain", 256, 8, 2600, 8e-3, "dense", "short"),
-    Stage("midtrain", 1024, 2, 150, 8e-4, "dense", "long"),
+          repeat=0.0, bf16=False),
+    Stage("pretrain", 256, 8, 2600, 3e-3, "dense", "short", evals=13),
+    Stage("midtrain", 1024, 2, 150, 3e-4, "dense", "long"),
     Stage("dsa-warmup", 1024, 2, 100, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.1, min_lr_ratio=1.0),
-    Stage("dsa-sparse", 1024, 2, 150, 4e-4, "sparse", "long", warmup=0.1),
+    Stage("dsa-sparse", 1024, 2, 150, 1.5e-4, "sparse", "long", warmup=0.1),
 )
 QUICK = (
     Stage("copy-warmup", 32, 4, 4, 2e-3, "dense", "copy", optimizer="adamw", warmup=0.25, min_lr_ratio=1.0,
-          repeat=0.0),
+          repeat=0.0, bf16=False),
     Stage("pretrain", 64, 4, 8, 1e-2, "dense", "short"),
     Stage("midtrain", 128, 2, 4, 3e-3, "dense", "long"),
     Stage("dsa-warmup", 128, 2, 4, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.25, min_lr_ratio=1.0),
@@ -182,10 +189,10 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                   f"{st.seq_len} tokens, {st.dsa_stage} attention, {st.optimizer} lr {st.lr:g}")
             train(cfg, folder, steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
                   optimizer=st.optimizer, warmup=st.warmup, min_lr_ratio=st.min_lr_ratio, dsa_stage=st.dsa_stage,
-                  num_evals=4, eval_windows_n=8 if quick else 48, eval_batch_size=8,
+                  num_evals=st.evals, eval_windows_n=8 if quick else 48, eval_batch_size=8,
                   init_from=None if previous is None else os.fspath(previous), resume=bool(info),
                   overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0,
-                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16,
+                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16 and st.bf16,
                   random_copy=st.data == "copy")
             info = read_trainer_state(folder)
         summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
