@@ -33,7 +33,7 @@ from glm5_ref.moe import MoE, MoEAux
 class BlockOutput(NamedTuple):
     hidden: torch.Tensor                 # (B, T, D) the block's output (residual stream)
     indexer_loss: torch.Tensor | None    # () the indexer KL, when asked for
-    moe_aux: MoEAux | None               # routing, loads and balance loss of an MoE block
+    moe_aux: MoEAux | None               # routing, loads and balance loss of an MoE block (None with a cache)
 
 
 class DecoderLayer(nn.Module):
@@ -61,8 +61,10 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = self.post_attention_layernorm(x)
         aux = None
-        if self.is_moe:
+        if self.is_moe and cache is None:  # routing statistics (loads, balance loss) are for training
             h, aux = self.mlp(h, return_aux=True, **execution.moe_kwargs())
+        elif self.is_moe:  # a cached forward decodes: no statistics (about 20 aten calls per layer and token)
+            h = self.mlp(h, **execution.moe_kwargs())
         else:
             h = self.mlp(h)
         return BlockOutput(x + h, kl, aux)

@@ -166,8 +166,8 @@ def select_topk(scores: torch.Tensor, query_pos: torch.Tensor, topk: int) -> tor
     check_topk(topk)
     S = scores.shape[-1]
     k = min(topk, S)
-    if k == S:  # every causal key is picked (the caller usually skips the indexer here): only the order is left
-        return select_topk_reference(scores, query_pos, topk)
+    if k == S or torch.compiler.is_compiling():  # k == S: every causal key is picked, only the order is left;
+        return select_topk_reference(scores, query_pos, topk)  # compiled: the branch-free twin (the same result)
     masked = causal_scores(scores, query_pos)  # (B, T, S)
     vals, idx = masked.topk(k + 1, dim=-1)  # float order; equal scores in any order
     strict = (vals[..., :-1] > vals[..., 1:]) | (vals[..., 1:] == float("-inf"))  # (B, T, k)

@@ -32,6 +32,7 @@ Axes: B batch, T sequence, H heads, D feature dims of the rotated slice.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -58,14 +59,37 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of m * theta_j for every position m and pair j, in fp32: shapes (*positions.shape, dim/2)."""
+    """cos and sin of m * theta_j for every position m and pair j, in fp32: shapes (*positions.shape, dim/2).
+
+    On the CPU, positions in [0, ROPE_TABLE_MAX) are read from a cached table (``_rope_table``: the same
+    formula over 0 .. L-1, so the same values): a decode step rotates q and k in every layer and the indexer
+    at one new position, and recomputing the angles there was about a fifth of its aten calls."""
     if dim % 2:
         raise ValueError(f"rope dim: expected an even number, got {dim}")
     # fp64 so long contexts stay exact; MPS has no float64, fp32 there (angle error < 1e-3 rad at 4K positions)
     wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        top, low = int(positions.max()), int(positions.min())  # no device sync on the CPU
+        if low >= 0 and top < ROPE_TABLE_MAX:
+            length = max(1024, 1 << top.bit_length())  # powers of two: few tables, at most 2x the need
+            cos, sin = _rope_table(dim, float(theta), length, wide)
+            return cos[positions], sin[positions]
+    return _angles(positions, dim, theta, wide)
+
+
+ROPE_TABLE_MAX = 1 << 16  # positions the CPU's cached cos / sin tables cover (8 MB for 64 rotated dims)
+
+
+def _angles(positions: torch.Tensor, dim: int, theta: float, wide: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=wide, device=positions.device) / dim)  # (D/2,)
     angles = positions.to(wide)[..., None] * inv_freq  # (..., T, D/2)
     return angles.cos().float(), angles.sin().float()
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(dim: int, theta: float, length: int, wide: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(length, dim/2) fp32 cos and sin for positions 0 .. length-1 on the CPU (read-only: callers index it)."""
+    return _angles(torch.arange(length), dim, theta, wide)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:

@@ -69,12 +69,14 @@ class GLM5Output:
     logits: torch.Tensor                           # (B, T, V) fp32
     loss: torch.Tensor | None = None               # lm_loss + balance_loss (+ indexer_loss), when labels given
     lm_loss: torch.Tensor | None = None            # next-token cross-entropy (nats per token)
-    balance_loss: torch.Tensor | None = None       # sum over MoE layers of the sequence-wise balance loss
+    balance_loss: torch.Tensor | None = None       # sum over MoE layers of the sequence-wise balance loss (0 with
+                                                   # a cache: decoding computes no routing statistics)
     indexer_loss: torch.Tensor | None = None       # mean over layers of the indexer KL (indexer_loss=True)
     mtp_loss: torch.Tensor | None = None           # (lambda / D) * sum of the per-depth MTP losses
     mtp_losses: list[torch.Tensor] = field(default_factory=list)  # CE of each MTP depth k = 1..D
     hidden_states: torch.Tensor | None = None      # (B, T, D) last layer output, before the final norm
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per model.moe_layers() entry (E,)
+    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per model.moe_layers() entry (E,);
+                                                   # empty for a forward with a cache
 
 
 class GLM5Cache:

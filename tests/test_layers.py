@@ -110,3 +110,21 @@ def test_swiglu_formula(seed, T):
     expected = (F.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)) @ ffn.down_proj.weight.T
     assert rel_err(ffn(x), expected) < 1e-6
     assert sorted(n for n, _ in ffn.named_parameters()) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+
+
+@given(seed=seeds, D=even_dims, theta=st.sampled_from([10.0, 1e4, 1e6]), top=st.sampled_from([1, 900, 5000, 65535]),
+       shape=st.sampled_from([(1,), (7,), (2, 5)]))
+def test_cached_rope_table_gives_the_angles_bit_for_bit(seed, D, theta, top, shape):
+    """The CPU's cached cos / sin tables (positions below ROPE_TABLE_MAX) equal the formula evaluated at the
+    positions themselves, whatever the table's length; positions beyond the table and negative ones still work."""
+    from glm5_ref.layers import ROPE_TABLE_MAX, _angles
+
+    pos = torch.randint(0, top + 1, shape, generator=torch.Generator().manual_seed(seed))
+    for p in (pos, pos + ROPE_TABLE_MAX, -pos):  # table, beyond it, negative: both formula paths
+        cos, sin = rope_angles(p, D, theta)
+        ref_cos, ref_sin = _angles(p, D, theta, torch.float64)
+        assert cos.shape == sin.shape == (*shape, D // 2) and cos.dtype == torch.float32
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    cos = rope_angles(pos, D, theta)[0]
+    cos[...] = 0  # what a caller gets is its own tensor: the cached table is untouched
+    assert torch.equal(rope_angles(pos, D, theta)[0], _angles(pos, D, theta, torch.float64)[0])

@@ -307,3 +307,19 @@ def test_mtp_reads_the_normed_hidden_state_and_keeps_the_embedding_at_position_0
         vllm[:, 0] = 0  # vLLM: inputs_embeds[positions == 0] = 0
         zeroed = model.mtp.step(h0[:, :-1], vllm, torch.arange(7)).hidden
     assert not torch.allclose(ours[:, 0], zeroed[:, 0])  # position 0 sees token 1's embedding here, not in vLLM
+
+
+def test_a_cached_forward_decodes_without_routing_statistics():
+    """With a cache the MoE blocks skip their loads and balance loss (decoding needs neither); the logits are
+    those of the uncached forward, which still reports both."""
+    config = GLM5Config.tiny()
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, 16)
+        cached = model(ids, cache=cache)
+    assert full.tokens_per_expert and float(full.balance_loss) > 0
+    assert cached.tokens_per_expert == [] and float(cached.balance_loss) == 0
+    torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5)
