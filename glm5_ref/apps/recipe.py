@@ -44,8 +44,19 @@ warm-up barely started (its loss left the plateau only near step 1,500: the pret
 at 8e-3 suppresses copying while the lr is high: the probe's gap (first - repeat) was 0.03 nats at step 520,
 0.07 at 1,040, 0.08 at 1,560 and grew only as the cosine decayed (0.16 at 2,080, 0.28 at 2,600, lr 8e-4), while
 validation reached 1.277 bits/byte (v1: 1.302). Hence pre-training's peak lr of 3e-3, and an evaluation every
-200 steps so that the probe shows early whether the warm-up's copying survives. The shipped classroom-base v1
-was trained by the four stages without the warm-up (its model card lists them).
+200 steps so that the probe shows early whether the warm-up's copying survives. The third run (fp32 warm-up,
+then pre-training at 3e-3; stopped at pre-training step 480, resumable) answered neither hope: the fp32 warm-up
+also left its plateau late (near step 1,650 of 2,000), and pre-training's probe gap was 0.03 nats at steps 186
+and 372, as at 8e-3 (its training loss matched the 8e-3 run's: 4.31 vs 4.38 at step 480). Worse, the pure copy
+task writes the repeat at a fixed offset (synthetic.RandomCopySampler), so a positional head solves it without
+copying by content; at its step 2,000 the probe on code was worse on the repeat (8.93) than on the first
+occurrence (8.33). Two pilots (2026-12-03, 1 thread, throwaway scripts, not part of the recipe) found no faster
+route: random ids with a span repeated at random places (content matching needed; 16 x 64 tokens, AdamW 5e-4
+from scratch) showed no onset by step 1,500, and v2's pre-trained model on code rows with half the rows of that
+task (Muon Split 8e-4) kept its gap at 0.28-0.34 nats over 300 steps while its validation rose from 1.274 to
+1.302 bits/byte. The warm-up stays as the one stage that does start copying; what makes the classroom model copy
+by content is open (its 64-d KV latent carries every head's keys and values). The shipped classroom-base v1 was
+trained by the four stages without the warm-up (its model card lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
