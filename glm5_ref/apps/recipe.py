@@ -38,25 +38,25 @@ after 100 warm-up steps, 2026-12-02/03): at 5e-4 the repeat's loss leaves the pl
 2e-3 nothing by 2,000 (the recipe's own stage, bf16, stopped); with a cosine from 2e-3 copying started near step
 1,600, once the lr had decayed. Hence the first stage, ``copy-warmup``: 2,000 steps of the pure copy task at a
 constant 5e-4, so that pre-training starts from a model that copies and its copy rows keep the mechanism while code
-is learned. The second full run (``--cpu-bf16``, 2026-12-03) showed two things. Under bf16 autocast the
-warm-up barely started (its loss left the plateau only near step 1,500: the pretrain stage's first probe read
-8.77 first / 8.65 repeat), so the warm-up now always trains in fp32 (``Stage.bf16 = False``). And pre-training
-at 8e-3 suppresses copying while the lr is high: the probe's gap (first - repeat) was 0.03 nats at step 520,
-0.07 at 1,040, 0.08 at 1,560 and grew only as the cosine decayed (0.16 at 2,080, 0.28 at 2,600, lr 8e-4), while
-validation reached 1.277 bits/byte (v1: 1.302). Hence pre-training's peak lr of 3e-3, and an evaluation every
-200 steps so that the probe shows early whether the warm-up's copying survives. The third run (fp32 warm-up,
-then pre-training at 3e-3; stopped at pre-training step 480, resumable) answered neither hope: the fp32 warm-up
-also left its plateau late (near step 1,650 of 2,000), and pre-training's probe gap was 0.03 nats at steps 186
-and 372, as at 8e-3 (its training loss matched the 8e-3 run's: 4.31 vs 4.38 at step 480). Worse, the pure copy
-task writes the repeat at a fixed offset (synthetic.RandomCopySampler), so a positional head solves it without
-copying by content; at its step 2,000 the probe on code was worse on the repeat (8.93) than on the first
-occurrence (8.33). Two pilots (2026-12-03, 1 thread, throwaway scripts, not part of the recipe) found no faster
-route: random ids with a span repeated at random places (content matching needed; 16 x 64 tokens, AdamW 5e-4
-from scratch) showed no onset by step 1,500, and v2's pre-trained model on code rows with half the rows of that
-task (Muon Split 8e-4) kept its gap at 0.28-0.34 nats over 300 steps while its validation rose from 1.274 to
-1.302 bits/byte. The warm-up stays as the one stage that does start copying; what makes the classroom model copy
-by content is open (its 64-d KV latent carries every head's keys and values). The shipped classroom-base v1 was
-trained by the four stages without the warm-up (its model card lists them).
+is learned. The second full run (``--cpu-bf16``, 2026-12-03) showed two things. Under bf16 autocast the warm-up
+barely started (its loss left the plateau only near step 1,500: the pretrain stage's first probe read 8.77 first /
+8.65 repeat). And pre-training at 8e-3 suppresses copying while the lr is high: the probe's gap (first - repeat)
+was 0.03 nats at step 520, 0.07 at 1,040, 0.08 at 1,560 and grew only as the cosine decayed (0.16 at 2,080, 0.28 at
+2,600, lr 8e-4), while validation reached 1.277 bits/byte (v1: 1.302). Hence pre-training's peak lr of 3e-3, and an
+evaluation every 200 steps so that the probe shows early whether the warm-up's copying survives. The third run
+(fp32 warm-up, then pre-training at 3e-3; stopped at pre-training step 480, resumable) answered neither hope: the
+warm-up in fp32 left its plateau as late (near step 1,650 of 2,000; so bf16 was not the cause, and it stays as
+fast), and pre-training's probe gap was 0.03 nats at steps 186 and 372, as at 8e-3 (its training loss matched the
+8e-3 run's: 4.31 vs 4.38 at step 480). Worse, the pure copy task writes the repeat at a fixed offset
+(synthetic.RandomCopySampler), so a positional head solves it without copying by content; at its step 2,000 the
+probe on code was worse on the repeat (8.93) than on the first occurrence (8.33). Two pilots (2026-12-03, 1 thread,
+throwaway scripts, not part of the recipe) found no faster route: random ids with a span repeated at random places
+(content matching needed; 16 x 64 tokens, AdamW 5e-4 from scratch) showed no onset by step 1,500, and v2's
+pre-trained model on code rows with half the rows of that task (Muon Split 8e-4) kept its gap at 0.28-0.34 nats
+over 300 steps while its validation rose from 1.274 to 1.302 bits/byte. The warm-up stays as the one stage that
+does start copying; what makes the classroom model copy by content is open (its 64-d KV latent carries every head's
+keys and values). The shipped classroom-base v1 was trained by the four stages without the warm-up (its model card
+lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the
@@ -69,14 +69,15 @@ the card).
 
 Choices where the paper is silent or does not fit a CPU: the lengths (256 and 1,024 instead of 4K and 32K-200K);
 the token budgets (set by a two-hour CPU budget: a classroom step with MTP x3 costs ~2.3 s for 2,048 tokens on 2
-cores); Muon Split at lr 3e-3 ("match_rms_adamw", so AdamW shares it; v1 and v2 used 8e-3) with a 3% warm-up and
-a cosine to 10%; mid-training from where pre-training's cosine ended (3e-4, then a cosine to 10% of it); the indexer warm-up at lr
-1e-3 (AdamW, the base frozen); sparse adaptation at half the mid-training lr; MTP loss weight 0.3
-(config.mtp_loss_weight, GLM-4.5's; the paper gives none). The first full run re-warmed mid-training to 2.5e-3
-and sparse adaptation to 1e-3: the 256-token validation loss rose from 1.367 to 1.478 bits/byte in mid-training
-(forgetting, not a longer-context gain: at 512 tokens it reached 1.523) and the shipped model measured 1.547 on
-the test windows; continuing from the decayed lr is the usual practice for mid-training and annealing. Not done: contexts beyond 1,024 (the classroom model's
-positions go to 4,096, but a 4K step costs ~4x a 1K step here), MRCR-style synthetic recall data.
+cores); Muon Split at lr 3e-3 ("match_rms_adamw", so AdamW shares it; v1 and v2 used 8e-3) with a 3% warm-up and a
+cosine to 10%; mid-training from where pre-training's cosine ended (3e-4, then a cosine to 10% of it); the indexer
+warm-up at lr 1e-3 (AdamW, the base frozen); sparse adaptation at half the mid-training lr; MTP loss weight 0.3
+(config.mtp_loss_weight, GLM-4.5's; the paper gives none). The first full run re-warmed mid-training to 2.5e-3 and
+sparse adaptation to 1e-3: the 256-token validation loss rose from 1.367 to 1.478 bits/byte in mid-training
+(forgetting, not a longer-context gain: at 512 tokens it reached 1.523) and the shipped model measured 1.547 on the
+test windows; continuing from the decayed lr is the usual practice for mid-training and annealing. Not done:
+contexts beyond 1,024 (the classroom model's positions go to 4,096, but a 4K step costs ~4x a 1K step here),
+MRCR-style synthetic recall data.
 """
 
 from __future__ import annotations
@@ -114,13 +115,12 @@ class Stage:
     warmup: float = 0.03
     min_lr_ratio: float = 0.1
     repeat: float = 0.25      # rows with a span written twice (training/synthetic.py: the copy data)
-    bf16: bool = True         # may train under --cpu-bf16's autocast (the copy warm-up does not form under it)
     evals: int = 4            # evaluations (validation and the copy probe) over the stage
 
 
 FULL = (
     Stage("copy-warmup", 32, 16, 2000, 5e-4, "dense", "copy", optimizer="adamw", warmup=0.05, min_lr_ratio=1.0,
-          repeat=0.0, bf16=False),
+          repeat=0.0),
     Stage("pretrain", 256, 8, 2600, 3e-3, "dense", "short", evals=13),
     Stage("midtrain", 1024, 2, 150, 3e-4, "dense", "long"),
     Stage("dsa-warmup", 1024, 2, 100, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.1, min_lr_ratio=1.0),
@@ -128,7 +128,7 @@ FULL = (
 )
 QUICK = (
     Stage("copy-warmup", 32, 4, 4, 2e-3, "dense", "copy", optimizer="adamw", warmup=0.25, min_lr_ratio=1.0,
-          repeat=0.0, bf16=False),
+          repeat=0.0),
     Stage("pretrain", 64, 4, 8, 1e-2, "dense", "short"),
     Stage("midtrain", 128, 2, 4, 3e-3, "dense", "long"),
     Stage("dsa-warmup", 128, 2, 4, 1e-3, "warmup", "long", optimizer="adamw", warmup=0.25, min_lr_ratio=1.0),
@@ -203,7 +203,7 @@ def run_recipe(quick: bool = False, out_dir: str | os.PathLike | None = None, re
                   num_evals=st.evals, eval_windows_n=8 if quick else 48, eval_batch_size=8,
                   init_from=None if previous is None else os.fspath(previous), resume=bool(info),
                   overwrite=not info, progress=progress, splits=data[st.data], checkpoint_minutes=5.0,
-                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16 and st.bf16,
+                  device=device, repeat_fraction=st.repeat, copy_probe=8 if quick else 32, cpu_bf16=cpu_bf16,
                   random_copy=st.data == "copy")
             info = read_trainer_state(folder)
         summary["stages"].append({**dataclasses.asdict(st), "tokens": info["tokens"], "train_s": info["elapsed_s"],
