@@ -69,7 +69,17 @@ class RandomCopySampler(BatchSampler):
     offset solves the task without matching content, so what it teaches need not be copying by content (an
     induction head). Measured 2026-12-03 in the recipe's warm-up (fp32, 32-token windows, AdamW 5e-4): the task's
     loss left its plateau near step 1,650, and at step 2,000 the copy probe on code spans at the same offset was
-    worse on the repeat than on the first occurrence (8.93 vs 8.33 nats)."""
+    worse on the repeat than on the first occurrence (8.93 vs 8.33 nats).
+
+    Why so late: such a positional head needs rotary frequencies that resolve the offset, and decoupled RoPE (MLA's
+    rotary part, 16 of the classroom head's 48 query-key dims, 8 frequencies at rope_theta 10,000) has few. Measured
+    2026-12-03 (this task, batch 16, 16-id spans from 4,000 ids, AdamW 2e-3 with no schedule, 1 thread), a 4-layer,
+    256-wide GPT without biases, with RMSNorm: RoPE on all 64 dims of each head, the repeat's loss left the plateau
+    near step 250 (2.05 nats at 600); on 16 of the 64, no onset by 1,000 (8.30); on 16 at rope_theta 1,000, none by
+    550; at rope_theta 100, onset near 350 (5.91 at 550). The classroom model with a 256-d latent, 64-d values and
+    nope dims, 32-d RoPE, dense FFNs, no MTP did not copy by 800 steps, with the Trainer or a plain AdamW loop. A
+    random-place variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must be matched) was not
+    learned by step 1,500 even by the full-RoPE GPT: at this batch it does not tell the architectures apart."""
 
     def __init__(self, batch_size: int, seq_len: int, seed: int = 0, vocab: int | None = None):
         from glm5_ref.tokenizer import NUM_MERGEABLE
