@@ -78,8 +78,8 @@ class RandomCopySampler(BatchSampler):
     near step 250 (2.05 nats at 600); on 16 of the 64, no onset by 1,000 (8.30); on 16 at rope_theta 1,000, none by
     550; at rope_theta 100, onset near 350 (5.91 at 550). The classroom model with a 256-d latent, 64-d values and
     nope dims, 32-d RoPE, dense FFNs, no MTP did not copy by 800 steps, with the Trainer or a plain AdamW loop, nor
-    did the classroom model itself at rope_theta 100 by 700 (8.32): its one rotary key shared by all heads is the
-    next suspect. A
+    did the classroom model itself at rope_theta 100 by 700 (8.32). Not the shared rotary key: the GPT with one
+    16-d rotary key for all heads at rope_theta 100 copied from step ~350 (0.64 nats at 800). A
     random-place variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must be matched) was not
     learned by step 1,500 even by the full-RoPE GPT: at this batch it does not tell the architectures apart."""
 
