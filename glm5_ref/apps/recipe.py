@@ -54,13 +54,9 @@ throwaway scripts, not part of the recipe) found no faster route: random ids wit
 (content matching needed; 16 x 64 tokens, AdamW 5e-4 from scratch) showed no onset by step 1,500, and v2's
 pre-trained model on code rows with half the rows of that task (Muon Split 8e-4) kept its gap at 0.28-0.34 nats
 over 300 steps while its validation rose from 1.274 to 1.302 bits/byte. The warm-up stays as the one stage that
-does start copying. An ablation on the pure copy task (2026-12-03, batch 16, 16-id spans, AdamW 2e-3, 1 thread;
-synthetic.RandomCopySampler says more) points at the rotary part, not the latent: a classroom model with a 256-d
-latent, 64-d values, 32-d RoPE, dense FFNs and no MTP did not copy by step 800 (nor with a plain AdamW loop instead
-of the Trainer), while a bias-free RMSNorm GPT of the same width copied from step ~250 with RoPE on all its dims,
-not by step 1,000 with RoPE on 16 of its 64 (the decoupled-RoPE share), and from step ~350 again with those 16
-at rope_theta 100 instead of 10,000. The shipped classroom-base v1 was trained by the four stages without the
-warm-up (its model card lists them).
+does start copying. Why the classroom model is so slow on it is open: synthetic.RandomCopySampler records an
+ablation (decoupled RoPE stalls a plain GPT too; the latent width, MoE, MTP and the Trainer are ruled out).
+The shipped classroom-base v1 was trained by the four stages without the warm-up (its model card lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an
 interrupted one resumes exactly where its last checkpoint left it (``--resume``). The budgets are in steps, so the

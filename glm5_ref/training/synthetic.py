@@ -79,9 +79,10 @@ class RandomCopySampler(BatchSampler):
     550; at rope_theta 100, onset near 350 (5.91 at 550). The classroom model with a 256-d latent, 64-d values and
     nope dims, 32-d RoPE, dense FFNs, no MTP did not copy by 800 steps, with the Trainer or a plain AdamW loop, nor
     did the classroom model itself at rope_theta 100 by 700 (8.32). Not the shared rotary key: the GPT with one
-    16-d rotary key for all heads at rope_theta 100 copied from step ~350 (0.64 nats at 800). A
-    random-place variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must be matched) was not
-    learned by step 1,500 even by the full-RoPE GPT: at this batch it does not tell the architectures apart."""
+    16-d rotary key for all heads at rope_theta 100 copied from step ~350 (0.64 nats at 800). What else in MLA
+    blocks it is open. A random-place variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must
+    be matched) was not learned by step 1,500 even by the full-RoPE GPT: at this batch it does not tell the
+    architectures apart. (Pilot scripts, not in the repository.)"""
 
     def __init__(self, batch_size: int, seq_len: int, seed: int = 0, vocab: int | None = None):
         from glm5_ref.tokenizer import NUM_MERGEABLE
