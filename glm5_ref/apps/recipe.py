@@ -54,8 +54,8 @@ throwaway scripts, not part of the recipe) found no faster route: random ids wit
 (content matching needed; 16 x 64 tokens, AdamW 5e-4 from scratch) showed no onset by step 1,500, and v2's
 pre-trained model on code rows with half the rows of that task (Muon Split 8e-4) kept its gap at 0.28-0.34 nats
 over 300 steps while its validation rose from 1.274 to 1.302 bits/byte. The warm-up stays as the one stage that
-does start copying. Why the classroom model is so slow on it is open: synthetic.RandomCopySampler records an
-ablation (decoupled RoPE stalls a plain GPT too; the latent width, MoE, MTP and the Trainer are ruled out).
+does start copying. Why the classroom model is so slow on it is open; ``experiment copy-onset`` measures it over
+seeds against a plain GPT (synthetic.RandomCopySampler and the README summarise what it found).
 The shipped classroom-base v1 was trained by the four stages without the warm-up (its model card lists them).
 
 Each stage writes OUT/<nn>_<stage>/ (checkpoint/, log.jsonl) and is resumable: a finished stage is skipped, an

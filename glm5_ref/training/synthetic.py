@@ -71,18 +71,16 @@ class RandomCopySampler(BatchSampler):
     loss left its plateau near step 1,650, and at step 2,000 the copy probe on code spans at the same offset was
     worse on the repeat than on the first occurrence (8.93 vs 8.33 nats).
 
-    Why so late: such a positional head needs rotary frequencies that resolve the offset, and decoupled RoPE (MLA's
-    rotary part, 16 of the classroom head's 48 query-key dims, 8 frequencies at rope_theta 10,000) has few. Measured
-    2026-12-03 (this task, batch 16, 16-id spans from 4,000 ids, AdamW 2e-3 with no schedule, 1 thread), a 4-layer,
-    256-wide GPT without biases, with RMSNorm: RoPE on all 64 dims of each head, the repeat's loss left the plateau
-    near step 250 (2.05 nats at 600); on 16 of the 64, no onset by 1,000 (8.30); on 16 at rope_theta 1,000, none by
-    550; at rope_theta 100, onset near 350 (5.91 at 550). The classroom model with a 256-d latent, 64-d values and
-    nope dims, 32-d RoPE, dense FFNs, no MTP did not copy by 800 steps, with the Trainer or a plain AdamW loop, nor
-    did the classroom model itself at rope_theta 100 by 700 (8.32). Not the shared rotary key: the GPT with one
-    16-d rotary key for all heads at rope_theta 100 copied from step ~350 (0.64 nats at 800). What else in MLA
-    blocks it is open. A random-place variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must
-    be matched) was not learned by step 1,500 even by the full-RoPE GPT: at this batch it does not tell the
-    architectures apart. (Pilot scripts, not in the repository.)"""
+    Why so late is measured by ``python -m glm5_ref experiment copy-onset`` (apps/experiments/copy_onset.py:
+    this task, batch 16, a constant lr, three seeds per arm, 800 steps; figures/copy_onset.json). A plain GPT of
+    the same width starts copying in every seed; with MLA's rotary layout (16 of 64 dims, one shared rotary key)
+    it starts in fewer; the classroom model starts in none, whatever its lr, rope_theta or rotary share. The
+    README's copy-onset table has the numbers. A single seed does not separate arms: one GPT written in two
+    throwaway pilot scripts started by step 800 in 3 of 3 seeds in one and 1 of 3 in the other. A random-place
+    variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must be matched) was not learned
+    by the full-RoPE GPT in 1,500 steps of batch 16, nor by the decoupled-RoPE GPT at rope_theta 100 in 500 of
+    batch 64 (with 4,000 ids or a 512-id pool; pilots, not in the repository): at these budgets it does not tell
+    the architectures apart."""
 
     def __init__(self, batch_size: int, seq_len: int, seed: int = 0, vocab: int | None = None):
         from glm5_ref.tokenizer import NUM_MERGEABLE

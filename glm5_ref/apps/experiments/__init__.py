@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, str] = {
     "muon-split": "AdamW vs Muon vs Muon Split on MLA, and GQA-8 under Muon, same token budget (paper Table 1)",
     "long-context": "DSA keeps long-context recall: dense vs warm-up only vs DSA vs random selection (paper Table 3)",
     "rl-toy": "asynchronous agentic RL on a toy tool-use task, with and without staleness",
+    "copy-onset": "when a plain GPT and the classroom GLM-5 start copying from their context, over seeds",
     "quantization": "W8A8 / W4A8 (+ Hadamard) and FP8 on the classroom checkpoint, INT4 QAT vs PTQ, layer-wise streaming",
 }
 
