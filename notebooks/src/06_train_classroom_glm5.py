@@ -323,6 +323,35 @@ prompt = "def fibonacci(n):\n    "
 print(repr(prompt + complete(shipped, prompt, 48)))
 
 # %% [markdown]
+# ### What it does not yet do: copy from its context
+#
+# Its completions repeat little of the prompt, and the copy probe (`training/synthetic.py`) shows why: on a span of
+# code written twice, the repeat costs nearly as much as the first time. Post-training needs that mechanism.
+# `python -m glm5_ref experiment copy-onset` (its committed results are read here) times when a model starts
+# copying on the simplest task there is, 16 random ids and then the same 16, over three seeds per arm: a plain GPT
+# of the same width against the classroom GLM-5. A run "starts" at the first evaluation where the repeat costs
+# 1 nat less than the first half; the check recomputes every run's onset from its curve.
+
+# %%
+import json
+
+from glm5_ref.apps.experiments import copy_onset
+from glm5_ref.apps.figures import ROOT, show_saved
+
+onset_result = json.loads((ROOT / "figures" / "copy_onset.json").read_text())
+for run in onset_result["runs"]:
+    by_hand = next((c["step"] for c in run["curve"] if c["first"] - c["repeat"] >= 1.0), None)
+    assert by_hand == run["onset"] == copy_onset.onset(run["curve"])
+for arm, s in onset_result["summary"].items():
+    print(f"{arm:24s} started in {s['started']} of {s['seeds']} seeds, onsets {s['onsets']}")
+show_saved("copy_onset.png")
+
+# %% [markdown]
+# The plain GPT starts in most runs; the classroom model in none, at either lr, at rope_theta 100, or with twice
+# the rotated dims. MLA's rotary layout and SwiGLU each lower the GPT's odds; what else blocks the classroom model
+# is open (the README's copy-onset section).
+
+# %% [markdown]
 # ## One training step, by hand (derivation)
 #
 # The last check takes the training engine apart. On the tiny config: forward with labels, the loss as the sum of
