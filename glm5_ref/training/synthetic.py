@@ -115,6 +115,15 @@ def probe_windows(ids: torch.Tensor, n: int = 32, span: int = 96, seed: int = 1)
     return torch.cat([chunks, chunks], dim=1)
 
 
+def span_nll(logits: torch.Tensor, rows: torch.Tensor, span: int,
+             repeat_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token nats of rows that hold a span of ``span`` ids and then its repeat: (first (B, span - 1): predicting
+    ids 1 .. span-1 of the first occurrence, repeat: predicting ids ``repeat_from`` .. of the repeat). logits
+    (B, T, V) of ``rows`` (B, T); position j predicts id j + 1."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), rows[:, 1:], reduction="none")  # (B, T - 1)
+    return nll[:, :span - 1], nll[:, span - 1 + repeat_from:]
+
+
 @torch.no_grad()
 def copy_probe(model, ids: torch.Tensor, n: int = 32, span: int = 96, seed: int = 1, batch_size: int = 8) -> dict:
     """{"first", "repeat"}: mean nats per token predicting tokens 1 .. L-1 of each span's first occurrence, and
@@ -125,10 +134,9 @@ def copy_probe(model, ids: torch.Tensor, n: int = 32, span: int = 96, seed: int 
     was_training = model.training
     model.eval()
     for rows in windows.split(batch_size):
-        logits = model(rows).logits[:, :-1].float()  # (b, 2L - 1, V): position j predicts token j + 1
-        nll = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # (b, 2L - 1)
-        first.append(nll[:, :span - 1])
-        repeat.append(nll[:, span:])
+        f, r = span_nll(model(rows).logits, rows, span, repeat_from=1)
+        first.append(f)
+        repeat.append(r)
     model.train(was_training)
     return {"first": float(torch.cat(first).mean()), "repeat": float(torch.cat(repeat).mean()),
             "spans": n, "span_tokens": span}

@@ -38,7 +38,6 @@ interrupted run resumes from there. --quick: two arms, 12 steps, one seed, a few
 from __future__ import annotations
 
 import concurrent.futures as futures
-import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -53,6 +52,7 @@ from torch import nn
 
 from glm5_ref.apps.experiments import FIGURES_DIR, write_json
 from glm5_ref.layers import apply_rope
+from glm5_ref.training.synthetic import RandomCopySampler, span_nll
 
 STEM = "copy_onset"
 ONSET_GAP = 1.0  # nats: repeat this far below the first half counts as copying
@@ -136,9 +136,10 @@ def build(kind: str, options: dict) -> tuple[nn.Module, callable]:
 
 
 def split_losses(logits: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
-    """(first, repeat): mean nats predicting ids 1 .. SPAN-1 of the first half, and the second half's SPAN ids."""
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), rows[:, 1:], reduction="none")  # (B, 2 * SPAN - 1)
-    return float(nll[:, :SPAN - 1].mean()), float(nll[:, SPAN - 1:].mean())
+    """(first, repeat): mean nats predicting ids 1 .. SPAN-1 of the first half, and all SPAN ids of the second
+    (its id 0 too: at a fixed offset it is as copyable as the rest)."""
+    first, repeat = span_nll(logits, rows, SPAN, repeat_from=0)
+    return float(first.mean()), float(repeat.mean())
 
 
 def onset(curve: list[dict], gap: float = ONSET_GAP) -> int | None:
@@ -148,8 +149,6 @@ def onset(curve: list[dict], gap: float = ONSET_GAP) -> int | None:
 
 def run_arm(name: str, seed: int, p: dict) -> dict:
     """Train one arm from one seed (in a worker process) and return its curve."""
-    from glm5_ref.training.synthetic import RandomCopySampler
-
     torch.set_num_threads(1)
     kind, lr, options = ARMS[name]
     torch.manual_seed(seed)
@@ -214,6 +213,16 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def trained(tasks: list[tuple[str, int]], p: dict, jobs: int):
+    """run_arm for every (arm, seed) in ``tasks``, yielded in order as they finish: in this process, or in
+    ``jobs`` spawned worker processes."""
+    if jobs == 1 or len(tasks) < 2:
+        yield from (run_arm(arm, seed, p) for arm, seed in tasks)
+        return
+    with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(run_arm, *zip(*tasks), [p] * len(tasks))
+
+
 def run(quick: bool = False, out_dir: str | None = None, seeds: list[int] | None = None,
         jobs: int | None = None, arms: list[str] | None = None) -> dict:
     """Train every arm from every seed (``jobs`` processes at a time; default one per core, at most 2) and write
@@ -229,22 +238,23 @@ def run(quick: bool = False, out_dir: str | None = None, seeds: list[int] | None
     cache = Path("runs/experiments/copy-onset-runs") if out.resolve() == FIGURES_DIR.resolve() else out / f"{STEM}_runs"
     setting = {k: p[k] for k in ("steps", "eval_every", "batch", "eval_rows")}
 
+    def setting_of(arm: str) -> dict:  # what a cached run must have been trained with to be reused
+        kind, lr, options = ARMS[arm]
+        return {**setting, "kind": kind, "lr": lr, "options": options}
+
     def cached(arm: str, seed: int) -> dict | None:
         f = cache / f"{arm}-seed{seed}.json"
         saved = json.loads(f.read_text()) if f.exists() else None
-        return saved["run"] if saved and saved.get("setting") == setting and saved["run"]["lr"] == ARMS[arm][1] \
-            else None
+        return saved["run"] if saved and saved.get("setting") == setting_of(arm) else None
 
     done = {(a, s): r for a in arms for s in p["seeds"] if (r := cached(a, s)) is not None}
     tasks = sorted(((a, s) for s in p["seeds"] for a in arms if (a, s) not in done),
                    key=lambda t: ARMS[t[0]][0] != "glm5")  # the slow arms first
     if tasks:
         print(f"[copy-onset] {len(tasks)} runs to train, {len(done)} from {cache}", flush=True)
-    with futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 and \
-            len(tasks) > 1 else contextlib.nullcontext() as pool:
-        for r in (pool.map if pool else map)(run_arm, *zip(*tasks), [p] * len(tasks)) if tasks else ():
-            write_json(cache / f"{r['arm']}-seed{r['seed']}.json", {"setting": setting, "run": r})
-            done[r["arm"], r["seed"]] = r
+    for r in trained(tasks, p, jobs):
+        write_json(cache / f"{r['arm']}-seed{r['seed']}.json", {"setting": setting_of(r["arm"]), "run": r})
+        done[r["arm"], r["seed"]] = r
     runs = [done[a, s] for a in arms for s in p["seeds"]]
     result = {"task": {"rows": "16 random ids from RandomCopySampler's vocabulary, then the same 16",
                        "batch": p["batch"], "eval_rows": p["eval_rows"], "onset_gap_nats": ONSET_GAP},
