@@ -86,3 +86,33 @@ def test_quick_run_writes_the_documented_json_and_resumes(tmp_path, monkeypatch)
     assert again["runs"] == result["runs"]
     with pytest.raises(ValueError, match="arms"):
         co.run(quick=True, out_dir=str(tmp_path), jobs=1, arms=["no-such-arm"])
+
+
+def test_init_options_set_the_documented_scales():
+    """The init arms: PlainGPT's embed_std / linear_std, and the classroom model's torch_init (PyTorch's default
+    init, reaching the MoE's packed experts) and embed_std; every other weight keeps its init."""
+    torch.manual_seed(0)
+    gpt = co.PlainGPT(4000, embed_std=0.02)
+    assert gpt.embed.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert gpt.blocks[0]["qkv"].weight.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.02)  # default
+    gpt = co.PlainGPT(4000, linear_std=0.02)
+    assert gpt.embed.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert gpt.blocks[0]["qkv"].weight.std().item() == pytest.approx(0.02, rel=0.02)
+    model, _ = co.build("glm5", dict(torch_init=True))
+    moe, attn = model.model.layers[1].mlp, model.model.layers[0].self_attn
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert moe.experts[3].up_proj.weight.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.05)
+    assert attn.kv_b_proj.weight.std().item() == pytest.approx(1 / (3 * 64) ** 0.5, rel=0.05)
+    with torch.no_grad():
+        gate_up, down = moe.packed_expert_weights()  # what the forward reads: the in-place init reached it
+    assert gate_up.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.02)
+    assert down.std().item() == pytest.approx(1 / (3 * 128) ** 0.5, rel=0.02)
+    model, _ = co.build("glm5", dict(embed_std=1.0))
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_every_arm_builds():
+    for name, (kind, _, options) in co.ARMS.items():
+        model, logits_of = co.build(kind, options)
+        assert logits_of(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 4112), name

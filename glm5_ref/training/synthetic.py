@@ -74,7 +74,8 @@ class RandomCopySampler(BatchSampler):
     Why so late is measured by ``python -m glm5_ref experiment copy-onset`` (apps/experiments/copy_onset.py:
     this task, batch 16, a constant lr, three seeds per arm, 800 steps; figures/copy_onset.json). A plain GPT of
     the same width starts copying in every seed; with MLA's rotary layout (16 of 64 dims, one shared rotary key)
-    it starts in fewer; the classroom model starts in none, whatever its lr, rope_theta or rotary share. The
+    it starts in fewer; with GLM-5's init (N(0, 0.02) everywhere) instead of PyTorch's it starts in none; the
+    classroom model starts in none, whatever its lr, rope_theta, rotary share, init or FFN (dense or MoE). The
     README's copy-onset table has the numbers. A single seed does not separate arms: one GPT written in two
     throwaway pilot scripts started by step 800 in 3 of 3 seeds in one and 1 of 3 in the other. A random-place
     variant (a span of 8-24 ids repeated anywhere in a 65-id row, so content must be matched) was not learned

@@ -21,6 +21,15 @@ same 64 held-out rows are scored: mean nats on the repeat (the second half's 16 
                         layer) instead of GELU: with no biases anywhere, a SwiGLU's output has no constant part at
                         initialisation, while a GELU's does (its mean is positive), and a head that attends by
                         position alone needs a query that does not depend on the token
+    *-prefix            every row read after GLM's sequence prefix [gMASK]<sop> (a fixed start that any head can
+                        attend to, token-independent); the loss and the halves are the row's own positions
+    gpt-full-rope-init0.02, -init0.02-5e-4, -embed0.02, -linear0.02: the GPT with GLM-5's init (N(0, 0.02), what
+                        transformers and GLM5ForCausalLM use) instead of PyTorch's default (N(0, 1) embeddings,
+                        U(+-1/sqrt(fan_in)) matrices: std 0.036 from 256 inputs), on everything (at lr 2e-3 or
+                        5e-4), on the embeddings only, or on the matrices only
+    glm5-classroom-dense-ffn, -torch-init, -embed1: the classroom model without MoE (first_k_dense_replace = 4:
+                        every layer a 768-wide SwiGLU), with PyTorch's default init of every Linear and Embedding
+                        (the MoE's experts too; the router keeps N(0, 0.02)), or with N(0, 1) embeddings only
 
 The onset of a run is the first evaluation at which the repeat's loss is at least ONSET_GAP nats below the first
 half's; a run with none is reported as not started. Why it matters: post-training needs a base that copies from
@@ -30,9 +39,10 @@ so an arm's onset is a distribution and only several seeds compare arms.
 
     python -m glm5_ref experiment copy-onset [--quick] [--out DIR] [--seeds 0,1,2]
 
-Full run: figures/copy_onset.json and .png; 27 runs of about 4.5 minutes each, two at a time (one per core), so
-about an hour on a 2-core machine; every finished run is kept in runs/experiments/copy-onset-runs/ and an
-interrupted run resumes from there. --quick: two arms, 12 steps, one seed, a few seconds.
+Full run: figures/copy_onset.json and .png; 60 runs (20 arms x 3 seeds) of about 4.5 (GPT) or 6 (classroom)
+minutes each, two at a time (one per core), so about 2.7 hours on a 2-core machine; every finished run is kept in
+runs/experiments/copy-onset-runs/ and an interrupted run resumes from there. --quick: two arms, 12 steps, one
+seed, a few seconds.
 """
 
 from __future__ import annotations
@@ -59,16 +69,30 @@ ONSET_GAP = 1.0  # nats: repeat this far below the first half counts as copying
 SPAN = 16  # ids per half row
 FULL = dict(steps=800, eval_every=50, batch=16, eval_rows=64, seeds=[0, 1, 2])
 QUICK = dict(steps=12, eval_every=6, batch=4, eval_rows=8, seeds=[0])
-ARMS = {  # name: (model kind, lr, options)
+ARMS = {  # name: (model kind, lr, options); PlainGPT's options, or GLM5Config overrides and build_glm5's options
     "gpt-full-rope": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False)),
+    "gpt-full-rope-init0.02": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, embed_std=0.02,
+                                                  linear_std=0.02)),
+    "gpt-full-rope-init0.02-5e-4": ("gpt", 5e-4, dict(rope_dims=64, shared_rope_key=False, embed_std=0.02,
+                                                       linear_std=0.02)),
+    "gpt-full-rope-embed0.02": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, embed_std=0.02)),
+    "gpt-full-rope-linear0.02": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, linear_std=0.02)),
+    "gpt-full-rope-swiglu": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, swiglu=True)),
+    "gpt-full-rope-swiglu-prefix": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, swiglu=True,
+                                                      prefix=True)),
     "gpt-decoupled-rope": ("gpt", 2e-3, dict(rope_dims=16, shared_rope_key=True)),
     "gpt-decoupled-theta100": ("gpt", 2e-3, dict(rope_dims=16, shared_rope_key=True, theta=100.0)),
     "gpt-decoupled-rope32": ("gpt", 2e-3, dict(rope_dims=32, shared_rope_key=True)),
-    "gpt-full-rope-swiglu": ("gpt", 2e-3, dict(rope_dims=64, shared_rope_key=False, swiglu=True)),
     "glm5-classroom": ("glm5", 2e-3, {}),
     "glm5-classroom-5e-4": ("glm5", 5e-4, {}),
     "glm5-classroom-theta100": ("glm5", 2e-3, dict(rope_theta=100.0)),
     "glm5-classroom-rope32": ("glm5", 2e-3, dict(qk_nope_head_dim=16, qk_rope_head_dim=32)),
+    "glm5-classroom-prefix": ("glm5", 2e-3, dict(prefix=True)),
+    "glm5-classroom-dense-ffn": ("glm5", 2e-3, dict(first_k_dense_replace=4)),
+    "glm5-classroom-dense-ffn-torch-init": ("glm5", 2e-3, dict(first_k_dense_replace=4, torch_init=True)),
+    "glm5-classroom-torch-init": ("glm5", 2e-3, dict(torch_init=True)),
+    "glm5-classroom-torch-init-5e-4": ("glm5", 5e-4, dict(torch_init=True)),
+    "glm5-classroom-embed1-5e-4": ("glm5", 5e-4, dict(embed_std=1.0)),
 }
 
 
@@ -79,7 +103,8 @@ class PlainGPT(nn.Module):
     forward(ids (B, T)) -> logits (B, T, vocab)."""
 
     def __init__(self, vocab: int, dim: int = 256, layers: int = 4, heads: int = 4, rope_dims: int = 64,
-                 shared_rope_key: bool = False, theta: float = 10_000.0, swiglu: bool = False):
+                 shared_rope_key: bool = False, theta: float = 10_000.0, swiglu: bool = False,
+                 embed_std: float | None = None, linear_std: float | None = None):
         super().__init__()
         head_dim = dim // heads
         if not 0 < rope_dims <= head_dim or rope_dims % 2:
@@ -95,6 +120,10 @@ class PlainGPT(nn.Module):
             down=nn.Linear(hidden, dim, bias=False),
         )) for _ in range(layers))
         self.norm, self.head = nn.RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+        for kind, std in ((nn.Embedding, embed_std), (nn.Linear, linear_std)):  # N(0, std), GLM-5's kind of init,
+            for m in self.modules():  # instead of PyTorch's default (N(0, 1) embeddings, U(+-1/sqrt(fan_in)) linears)
+                if isinstance(m, kind) and std is not None:
+                    nn.init.normal_(m.weight, std=std)
 
     def attention(self, block: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -121,18 +150,41 @@ class PlainGPT(nn.Module):
 
 
 def build(kind: str, options: dict) -> tuple[nn.Module, callable]:
-    """(model, ids -> logits) for an arm."""
+    """(model, ids -> logits) for an arm. Option ``prefix``: every row is read after GLM's sequence prefix
+    [gMASK]<sop> (the logits of the row's own positions are returned, so the loss and its split are unchanged)."""
     from glm5_ref.config import GLM5Config
+    from glm5_ref.tokenizer import SPECIAL_TOKENS
+
+    cfg, options = GLM5Config.classroom(), dict(options)
+    prefix = torch.tensor([SPECIAL_TOKENS["[gMASK]"], SPECIAL_TOKENS["<sop>"]]) if options.pop("prefix", False) \
+        else torch.zeros(0, dtype=torch.long)
+    if kind == "gpt":
+        model = forward = PlainGPT(cfg.vocab_size, **options)
+    else:
+        model = build_glm5(cfg, options)
+
+        def forward(ids):
+            return model(ids).logits
+    return model, lambda ids: forward(torch.cat([prefix.expand(len(ids), -1), ids], dim=1))[:, len(prefix):]
+
+
+def build_glm5(cfg, options: dict) -> nn.Module:
+    """The classroom GLM5ForCausalLM with config overrides and the init options (``torch_init``, ``embed_std``),
+    DSA dense."""
     from glm5_ref.model import GLM5ForCausalLM
     from glm5_ref.training.engine import set_dsa_stage
 
-    cfg = GLM5Config.classroom()
-    if kind == "gpt":
-        model = PlainGPT(cfg.vocab_size, **options)
-        return model, model
-    model = GLM5ForCausalLM(dataclasses.replace(cfg, **options))  # options: config overrides
+    torch_init, embed_std = options.pop("torch_init", False), options.pop("embed_std", None)
+    model = GLM5ForCausalLM(dataclasses.replace(cfg, **options))  # the other options: config overrides
+    with torch.no_grad():
+        if torch_init:  # PyTorch's default init of every Linear and Embedding (as PlainGPT's) instead of GLM-5's;
+            for m in model.modules():  # in place, so the MoE's packed expert storage sees it (the router stays)
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    m.reset_parameters()
+        if embed_std is not None:
+            model.model.embed_tokens.weight.normal_(0.0, embed_std)
     set_dsa_stage(model, "dense")
-    return model, lambda ids: model(ids).logits
+    return model
 
 
 def split_losses(logits: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
@@ -191,21 +243,28 @@ def summarize(runs: list[dict], arms: list[str], steps: int) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """The repeat's loss over training, one line per (arm, seed): the plain-GPT arms left, the classroom right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(result["arms"])}
-    for r in result["runs"]:
-        steps = [c["step"] for c in r["curve"]]
-        label = r["arm"] if r["seed"] == min(q["seed"] for q in result["runs"] if q["arm"] == r["arm"]) else None
-        ax.plot(steps, [c["repeat"] for c in r["curve"]], color=colors[r["arm"]], alpha=0.8, label=label)
-    ax.axhline(result["runs"][0]["curve"][0]["first"], color="gray", ls=":", label="no copying (first half)")
-    ax.set(xlabel="step (16 rows x 32 tokens)", ylabel="nats per token on the repeat",
-           title=f"Copy onset, one line per seed ({len(result['seeds'])} seeds)")
-    ax.legend(fontsize=8)
+    kinds = {"gpt": "plain GPT (4 x 256)", "glm5": "classroom GLM-5"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, kind in zip(axes, kinds):
+        arms = [a for a in result["arms"] if a.startswith(kind)]
+        colors = {a: plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")(i) for i, a in enumerate(arms)}
+        for r in result["runs"]:
+            if r["arm"] not in colors:
+                continue
+            first_seed = r["seed"] == min(q["seed"] for q in result["runs"] if q["arm"] == r["arm"])
+            ax.plot([c["step"] for c in r["curve"]], [c["repeat"] for c in r["curve"]], color=colors[r["arm"]],
+                    alpha=0.8, lw=1.2, label=r["arm"] if first_seed else None)
+        ax.axhline(result["runs"][0]["curve"][0]["first"], color="gray", ls=":", label="no copying (first half)")
+        ax.set(xlabel="step (16 rows x 32 tokens)", title=f"{kinds[kind]}, one line per seed")
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("nats per token on the repeat")
+    fig.suptitle(f"Copy onset ({len(result['seeds'])} seeds per arm)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
