@@ -116,3 +116,15 @@ def test_every_arm_builds():
     for name, (kind, _, options) in co.ARMS.items():
         model, logits_of = co.build(kind, options)
         assert logits_of(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 4112), name
+
+
+def test_prefix_reads_each_row_after_gmask_sop():
+    from glm5_ref.tokenizer import SPECIAL_TOKENS
+
+    torch.manual_seed(0)
+    model, logits_of = co.build("gpt", dict(rope_dims=64, prefix=True))
+    ids = torch.randint(0, 4000, (2, 6))
+    full = torch.cat([torch.tensor([[SPECIAL_TOKENS["[gMASK]"], SPECIAL_TOKENS["<sop>"]]] * 2), ids], dim=1)
+    with torch.no_grad():
+        assert torch.equal(logits_of(ids), model(full)[:, 2:])
+        assert not torch.allclose(logits_of(ids), model(ids), atol=1e-4)  # the prefix changes what a row sees

@@ -27,9 +27,10 @@ same 64 held-out rows are scored: mean nats on the repeat (the second half's 16 
                         transformers and GLM5ForCausalLM use) instead of PyTorch's default (N(0, 1) embeddings,
                         U(+-1/sqrt(fan_in)) matrices: std 0.036 from 256 inputs), on everything (at lr 2e-3 or
                         5e-4), on the embeddings only, or on the matrices only
-    glm5-classroom-dense-ffn, -torch-init, -embed1: the classroom model without MoE (first_k_dense_replace = 4:
-                        every layer a 768-wide SwiGLU), with PyTorch's default init of every Linear and Embedding
-                        (the MoE's experts too; the router keeps N(0, 0.02)), or with N(0, 1) embeddings only
+    glm5-classroom-dense-ffn, -dense-ffn-torch-init, -torch-init, -torch-init-5e-4, -embed1-5e-4: the classroom
+                        model without MoE (first_k_dense_replace = 4: every layer a 768-wide SwiGLU), with PyTorch's
+                        default init of every Linear and Embedding (the MoE's experts too; the router keeps
+                        N(0, 0.02)), or with N(0, 1) embeddings only
 
 The onset of a run is the first evaluation at which the repeat's loss is at least ONSET_GAP nats below the first
 half's; a run with none is reported as not started. Why it matters: post-training needs a base that copies from
@@ -156,8 +157,7 @@ def build(kind: str, options: dict) -> tuple[nn.Module, callable]:
     from glm5_ref.tokenizer import SPECIAL_TOKENS
 
     cfg, options = GLM5Config.classroom(), dict(options)
-    prefix = torch.tensor([SPECIAL_TOKENS["[gMASK]"], SPECIAL_TOKENS["<sop>"]]) if options.pop("prefix", False) \
-        else torch.zeros(0, dtype=torch.long)
+    prefixed = options.pop("prefix", False)
     if kind == "gpt":
         model = forward = PlainGPT(cfg.vocab_size, **options)
     else:
@@ -165,6 +165,9 @@ def build(kind: str, options: dict) -> tuple[nn.Module, callable]:
 
         def forward(ids):
             return model(ids).logits
+    if not prefixed:
+        return model, forward
+    prefix = torch.tensor([SPECIAL_TOKENS["[gMASK]"], SPECIAL_TOKENS["<sop>"]])
     return model, lambda ids: forward(torch.cat([prefix.expand(len(ids), -1), ids], dim=1))[:, len(prefix):]
 
 
